@@ -133,7 +133,9 @@ PRESET_VERSION = "1"
 
 
 def _fixed_cluster() -> dict[str, dict[str, Any]]:
-    return {name: {"kind": "fixed", "value": PARAMETERS[name].default} for name in CLUSTER_PARAMETERS}
+    return {
+        name: {"kind": "fixed", "value": PARAMETERS[name].default} for name in CLUSTER_PARAMETERS
+    }
 
 
 def _truncated(mean: float, std: float, low: float, high: float) -> dict[str, Any]:

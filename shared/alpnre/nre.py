@@ -1,0 +1,302 @@
+"""Neural ratio estimation of the ALP parameters with swyft ratio estimators.
+
+A classifier d(x, θ) is trained to tell jointly drawn pairs (x, θ) ~ p(x, θ) from
+marginal pairs (x, θ') ~ p(x) p(θ); its logit converges to the log likelihood-to-evidence
+ratio log r(x|θ) = log p(x|θ) - log p(x) = log p(θ|x) - log p(θ) (Hermans et al. 2020,
+ICML, "Likelihood-free MCMC with Amortized Approximate Ratio Estimators"). The loss is
+the binary cross-entropy of both kinds of pairs, optionally with the balancing penalty
+of BNRE (Delaunoy et al. 2022, NeurIPS, "Towards Reliable Simulation-Based Inference
+with Balanced Neural Ratio Estimation"),
+
+.. math::
+    \\lambda \\left(\\mathbb{E}_{p(x,θ)}[σ(d)] + \\mathbb{E}_{p(x)p(θ)}[σ(d)] - 1\\right)^2,
+
+which pushes the estimator towards conservative posteriors when simulations are few.
+
+Network: log1p(counts), standardised with the training set's mean and standard
+deviation (stored in the state dict), then an MLP embedding, then swyft's
+``LogRatioEstimator_1dim`` (one head per listed parameter) and
+``LogRatioEstimator_Ndim`` (the 2-dim (log10 m, log10 g) head).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import swyft
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from alpnre.config import AnalysisConfig
+from alpnre.priors import LogUniformPrior
+
+__all__ = [
+    "EstimatorSpec",
+    "ParameterAxis",
+    "RatioEstimator",
+    "TrainingConfig",
+    "nre_loss",
+    "parameter_axes",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingConfig(BaseModel):
+    """Hyperparameters of one training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    batch_size: int = Field(256, ge=8, le=65536)
+    shuffle_buffer: int = Field(16384, ge=64)
+    max_epochs: int = Field(50, ge=1, le=10_000)
+    patience: int = Field(5, ge=1, description="epochs without validation improvement")
+    embedding_width: int = Field(256, ge=8, le=4096)
+    n_features: int = Field(32, ge=2, le=1024)
+    head_width: int = Field(64, ge=8, le=4096)
+    head_blocks: int = Field(2, ge=1, le=16)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    bnre_lambda: float = Field(
+        100.0, ge=0.0, description="BNRE balancing penalty; 0 gives plain NRE"
+    )
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    poisson_redraw: bool = Field(True, description="redraw counts from npred every epoch")
+    drop_nonfinite: bool = False
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    weight_decay: float = Field(0.0, ge=0.0)
+    nuisance_marginals: list[str] = Field(
+        default_factory=list,
+        description="nuisance parameters that get their own 1-dim estimator, e.g. b0_microgauss",
+    )
+
+
+class ParameterAxis(BaseModel):
+    """How one simulator parameter enters the network.
+
+    ``log10`` parameters (log-uniform priors) are used as log10 of the value; the
+    network sees ``(u - center) / scale`` where u is the (log) value.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    log10: bool
+    low: float
+    high: float
+    center: float
+    scale: float
+
+    @property
+    def label(self) -> str:
+        return f"log10({self.name})" if self.log10 else self.name
+
+    def to_axis(self, values: np.ndarray) -> np.ndarray:
+        """Map physical values to the axis variable u (log10 or linear)."""
+        values = np.asarray(values, dtype=float)
+        if self.log10:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.log10(values)
+        return values
+
+    def from_axis(self, u: np.ndarray) -> np.ndarray:
+        u = np.asarray(u, dtype=float)
+        return 10.0**u if self.log10 else u
+
+    def standardise(self, u: np.ndarray) -> np.ndarray:
+        return (np.asarray(u) - self.center) / self.scale
+
+
+def parameter_axes(config: AnalysisConfig, names: Sequence[str]) -> list[ParameterAxis]:
+    """Build the network axes of ``names`` from the config's priors.
+
+    Bounded priors are mapped to [-1, 1]; normal priors to zero mean and unit width.
+    """
+    axes = []
+    for name in names:
+        prior = config.prior(name)
+        if prior.is_fixed:
+            raise ValueError(f"{name} is fixed in the config and cannot be inferred")
+        log10 = isinstance(prior, LogUniformPrior)
+        low, high = prior.support()
+        if log10:
+            low, high = math.log10(low), math.log10(high)
+        if math.isfinite(low) and math.isfinite(high):
+            center, scale = 0.5 * (low + high), 0.5 * (high - low)
+        else:
+            center, scale = float(prior.mean), float(prior.std)
+            low, high = center - 5 * scale, center + 5 * scale
+        axes.append(
+            ParameterAxis(name=name, log10=log10, low=low, high=high, center=center, scale=scale)
+        )
+    return axes
+
+
+class EstimatorSpec(BaseModel):
+    """Everything needed to rebuild a trained estimator besides its weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_bins: int
+    axes: list[ParameterAxis]
+    one_dim: list[str]
+    two_dim: list[tuple[str, str]]
+    training: TrainingConfig
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return [axis.name for axis in self.axes]
+
+    def axis(self, name: str) -> ParameterAxis:
+        for axis in self.axes:
+            if axis.name == name:
+                return axis
+        raise KeyError(f"parameter {name!r} has no estimator axis; known: {self.parameter_names}")
+
+    def transform_theta(self, theta: np.ndarray) -> np.ndarray:
+        """Map raw θ of shape (N, n_params) to standardised network inputs."""
+        columns = [axis.standardise(axis.to_axis(theta[:, i])) for i, axis in enumerate(self.axes)]
+        return np.stack(columns, axis=1).astype(np.float32)
+
+
+class SpectrumEmbedding(nn.Module):
+    """log1p(counts) → standardised → MLP features; (B, n_bins) → (B, n_features)."""
+
+    def __init__(self, n_bins: int, width: int, n_features: int, dropout: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_bins))
+        self.register_buffer("std", torch.ones(n_bins))
+        self.net = nn.Sequential(
+            nn.Linear(n_bins, width),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.Linear(width, n_features),
+        )
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        z = (torch.log1p(counts) - self.mean) / self.std
+        return self.net(z)
+
+
+class RatioEstimator(nn.Module):
+    """Embedding plus swyft 1-dim and 2-dim log-ratio heads.
+
+    ``forward(x, theta)`` takes counts x of shape (B, n_bins) and standardised θ of
+    shape (B, n_params) and returns a dict: ``"1d"`` of shape (B, n_1d) and ``"2d"`` of
+    shape (B, n_2d) log-ratios.
+    """
+
+    def __init__(self, spec: EstimatorSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        names = spec.parameter_names
+        self.index_1d = [names.index(name) for name in spec.one_dim]
+        self.pairs_2d = [(names.index(a), names.index(b)) for a, b in spec.two_dim]
+        training = spec.training
+        self.embedding = SpectrumEmbedding(
+            spec.n_bins, training.embedding_width, training.n_features, training.dropout
+        )
+        self.head_1d = swyft.LogRatioEstimator_1dim(
+            num_features=training.n_features,
+            num_params=len(self.index_1d),
+            varnames=list(spec.one_dim),
+            hidden_features=training.head_width,
+            num_blocks=training.head_blocks,
+            dropout=training.dropout,
+            ptrans_online_z_score=False,
+        )
+        self.head_2d = (
+            swyft.LogRatioEstimator_Ndim(
+                num_features=training.n_features,
+                marginals=[tuple(range(2 * i, 2 * i + 2)) for i in range(len(self.pairs_2d))],
+                varnames="theta2d",
+                hidden_features=training.head_width,
+                num_blocks=training.head_blocks,
+                dropout=training.dropout,
+            )
+            if self.pairs_2d
+            else None
+        )
+
+    def set_normalisation(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Store the per-bin mean and standard deviation of log1p(counts)."""
+        self.embedding.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.embedding.std.copy_(torch.as_tensor(np.maximum(std, 1e-3), dtype=torch.float32))
+
+    def log_ratios(self, features: torch.Tensor, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Log-ratios for precomputed features (B, n_features) and θ (B, n_params)."""
+        out = {"1d": self.head_1d(features, theta[:, self.index_1d]).logratios}
+        if self.head_2d is not None:
+            columns = [theta[:, [a, b]] for a, b in self.pairs_2d]
+            out["2d"] = self.head_2d(features, torch.cat(columns, dim=1)).logratios
+        return out
+
+    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.log_ratios(self.embedding(x), theta)
+
+
+def nre_loss(
+    model: RatioEstimator, x: torch.Tensor, theta: torch.Tensor, bnre_lambda: float
+) -> torch.Tensor:
+    """Binary cross-entropy of joint against marginal pairs, plus the BNRE penalty.
+
+    Marginal pairs pair each x with the θ of the next row (a roll by one within the
+    minibatch), so rows must be shuffled. The loss is summed over all heads.
+    """
+    features = model.embedding(x)
+    theta_marginal = torch.roll(theta, shifts=1, dims=0)
+    joint = model.log_ratios(features, theta)
+    marginal = model.log_ratios(features, theta_marginal)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    total = x.new_zeros(())
+    for key, logits_joint in joint.items():
+        logits_marginal = marginal[key]
+        total = total + bce(logits_joint, torch.ones_like(logits_joint), reduction="mean")
+        total = total + bce(logits_marginal, torch.zeros_like(logits_marginal), reduction="mean")
+        if bnre_lambda > 0:
+            balance = (
+                torch.sigmoid(logits_joint).mean(dim=0)
+                + torch.sigmoid(logits_marginal).mean(dim=0)
+                - 1.0
+            )
+            total = total + bnre_lambda * (balance**2).sum()
+    return total
+
+
+def default_heads(
+    config: AnalysisConfig, nuisance_marginals: Sequence[str] = ()
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Return (parameter names, 1-dim heads, 2-dim heads) of the standard estimator."""
+    free = set(config.free_parameter_names)
+    unknown = [name for name in nuisance_marginals if name not in free]
+    if unknown:
+        raise ValueError(
+            f"nuisance marginals {unknown} are not free parameters of config {config.name!r}; "
+            f"free parameters: {sorted(free)}"
+        )
+    one_dim = ["m_neV", "g_per_gev", *nuisance_marginals]
+    return one_dim, one_dim, [("m_neV", "g_per_gev")]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``auto|cpu|cuda`` into a torch device, rejecting cuda without a GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' requested but torch finds no CUDA device: use 'auto' or 'cpu'"
+        )
+    return torch.device(device)
+
+
+def spec_to_json(spec: EstimatorSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json")
