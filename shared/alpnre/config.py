@@ -152,6 +152,13 @@ class PropagationConfig(_Strict):
     realisations_per_theta: int = Field(
         1, ge=1, le=100, description="B-field realisations simulated for each sampled theta"
     )
+    fixed_bfield_seed: int | None = Field(
+        None,
+        ge=0,
+        description="use this one B-field realisation in every simulation instead of a new "
+        "one each time; with fixed cluster parameters the likelihood is then an explicit "
+        "Poisson likelihood (the exact-likelihood reference of the validation)",
+    )
 
 
 class AnalysisConfig(_Strict):

@@ -163,6 +163,8 @@ def simulate_batch(
     theta_index = np.repeat(np.arange(n_theta), realisations)[:n_simulations]
     params = {name: values[theta_index] for name, values in theta_params.items()}
     bfield_seeds = rng.integers(0, 2**63, size=n_simulations, dtype=np.uint64)
+    if config.propagation.fixed_bfield_seed is not None:
+        bfield_seeds[:] = config.propagation.fixed_bfield_seed
 
     # Expected and observed counts.
     npred = expected_counts(config, instrument, params, bfield_seeds)
@@ -182,7 +184,7 @@ def simulate_batch(
 
 
 def _fixed_size_lists(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
-    n_rows, width = values.shape
+    width = values.shape[1]
     flat = pa.array(values.reshape(-1), value_type)
     return pa.FixedSizeListArray.from_arrays(flat, width)
 
