@@ -194,12 +194,14 @@ class ParquetSpectra(IterableDataset):  # type: ignore[type-arg]
         worker_id = 0 if info is None else info.id
         file_rng = np.random.default_rng([self.seed, self.epoch])
         rng = np.random.default_rng([self.seed, self.epoch, worker_id, 1])
+        # A separate stream for the Poisson redraws keeps the row order independent of them.
+        noise_rng = np.random.default_rng([self.seed, self.epoch, worker_id, 2])
         buffer_x: list[np.ndarray] = []
         buffer_theta: list[np.ndarray] = []
         buffered = 0
 
         for path in self._worker_files(file_rng):
-            for x, theta in self._read_file(path, rng):
+            for x, theta in self._read_file(path, noise_rng):
                 buffer_x.append(x)
                 buffer_theta.append(theta)
                 buffered += len(x)
