@@ -176,7 +176,7 @@ def cmd_posterior(args: argparse.Namespace) -> int:
 
 
 def _log_posterior_summary(posterior: Any) -> None:
-    for name, marginal in posterior.one_dim.items():
+    for marginal in posterior.one_dim.values():
         intervals = marginal.interval(0.95)
         log.info(
             "%s: MAP %.3f, mean %.3f, 95%% HPD %s",
@@ -356,7 +356,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=None)
     _add_common(demo)
     demo.set_defaults(handler=cmd_demo)
+
+    _add_module_commands(commands)
     return parser
+
+
+# Sub-commands that live in their own modules; each module defines
+# ``add_parser(commands)`` that registers its parser with a ``handler`` default.
+COMMAND_MODULES = (
+    "alpnre.commands.validate",
+    "alpnre.commands.limits",
+    "alpnre.commands.stack",
+    "alpnre.commands.registry",
+)
+
+
+def _add_module_commands(commands: Any) -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        module.add_parser(commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -140,7 +140,8 @@ class TruncatedNormalPrior(_PriorBase):
                 f"truncated_normal prior needs low < high, got low={self.low}, "
                 f"high={self.high}: swap the bounds"
             )
-        mass = self._scipy().cdf(self.high) - self._scipy().cdf(self.low)
+        untruncated = stats.norm(self.mean, self.std)
+        mass = untruncated.cdf(self.high) - untruncated.cdf(self.low)
         if mass < 1e-12:
             raise ValueError(
                 f"truncated_normal prior has empty support: N({self.mean}, {self.std}) puts "
