@@ -141,6 +141,14 @@ def rebuild_manifest(run_dir: str | Path) -> RunManifest:
     return record_batches(run_dir, results)
 
 
+def _init_pool_worker(level: int) -> None:
+    # A spawned process starts without logging handlers; give it the parent's level so
+    # its warnings are formatted like the parent's instead of printed bare.
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s [pid %(process)d]: %(message)s"
+    )
+
+
 def _run_batch_from_json(
     config_json: str, run_dir: str, batch_index: int, run_seed: int, batch_size: int, n: int
 ) -> BatchResult:
@@ -191,7 +199,12 @@ def simulate_run(
         # spawn, not fork: a forked child of a process that already ran torch or numba
         # threads can deadlock.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=context,
+            initializer=_init_pool_worker,
+            initargs=(logging.getLogger().getEffectiveLevel(),),
+        ) as pool:
             futures = [pool.submit(_run_batch_from_json, *args) for args in arguments]
             for future in as_completed(futures):
                 result = future.result()
