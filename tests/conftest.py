@@ -22,7 +22,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 def _seed_everything() -> None:
     """Seed the global generators that third-party code may still use."""
     random.seed(1234)
-    np.random.seed(1234)
+    np.random.seed(1234)  # noqa: NPY002 (the legacy global state third-party code uses)
     try:
         import torch
 
@@ -67,6 +67,7 @@ def small_run(tmp_path_factory):
 
     config = parse_config(small_config_dict())
     run_dir = tmp_path_factory.mktemp("small-run")
-    simulate_run(config, run_dir, n_simulations=1200, batch_size=200, run_seed=5, workers=1,
-                 progress=False)
+    simulate_run(
+        config, run_dir, n_simulations=1200, batch_size=200, run_seed=5, workers=1, progress=False
+    )
     return run_dir

@@ -7,12 +7,11 @@ import copy
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO_ROOT, small_config_dict
-from scipy import stats
-
 from alpnre.config import ConfigError, config_hash, load_config, parse_config
 from alpnre.parameters import CLUSTER_PARAMETERS, PARAMETERS, PRESETS
 from alpnre.priors import LogUniformPrior, TruncatedNormalPrior
+from conftest import REPO_ROOT, small_config_dict
+from scipy import stats
 
 
 @pytest.mark.parametrize("name", ["ngc1275_cta_north_50h", "ngc1275_cta_south_z20_50h_1dc"])
@@ -175,4 +174,13 @@ def test_log_uniform_density_normalised():
 
 def test_yaml_of_shipped_config_has_no_extra_keys():
     data = yaml.safe_load((REPO_ROOT / "configs" / "ngc1275_cta_north_50h.yaml").read_text())
-    assert set(data) <= {"name", "preset", "source", "observation", "irf", "ebl", "propagation", "parameters"}
+    assert set(data) <= {
+        "name",
+        "preset",
+        "source",
+        "observation",
+        "irf",
+        "ebl",
+        "propagation",
+        "parameters",
+    }

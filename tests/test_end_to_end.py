@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import small_config_dict
-
 from alpnre.cli import main
 from alpnre.config import parse_config
 from alpnre.nre import TrainingConfig
@@ -17,6 +15,7 @@ from alpnre.registry import load_estimator, save_estimator
 from alpnre.runs import simulate_run
 from alpnre.simulate import expected_counts
 from alpnre.training import load_training_data, train_estimator
+from conftest import small_config_dict
 
 
 def test_cli_simulate_train_posterior(tmp_path, monkeypatch):
@@ -25,14 +24,63 @@ def test_cli_simulate_train_posterior(tmp_path, monkeypatch):
 
     config_path.write_text(yaml.safe_dump(small_config_dict()))
     run = tmp_path / "run"
-    assert main(["simulate", "--config", str(config_path), "--n-simulations", "300",
-                 "--batch-size", "100", "--seed", "2", "--output", str(run),
-                 "--workers", "1", "--no-progress"]) == 0
-    assert main(["train", "--data", str(run), "--output", str(tmp_path / "est"),
-                 "--max-epochs", "1", "--batch-size", "32", "--no-progress"]) == 0
-    assert main(["posterior", "--estimator", str(tmp_path / "est" / "estimator"),
-                 "--observation", str(run / "batch-000000.parquet"), "--row", "3",
-                 "--grid-size", "20", "--output", str(tmp_path / "post"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--config",
+                str(config_path),
+                "--n-simulations",
+                "300",
+                "--batch-size",
+                "100",
+                "--seed",
+                "2",
+                "--output",
+                str(run),
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(run),
+                "--output",
+                str(tmp_path / "est"),
+                "--max-epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "posterior",
+                "--estimator",
+                str(tmp_path / "est" / "estimator"),
+                "--observation",
+                str(run / "batch-000000.parquet"),
+                "--row",
+                "3",
+                "--grid-size",
+                "20",
+                "--output",
+                str(tmp_path / "post"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     payload = json.loads((tmp_path / "post" / "posterior.json").read_text())
     assert set(payload["truth"]) >= {"m_neV", "g_per_gev"}
     assert (tmp_path / "post" / "posterior.png").stat().st_size > 10_000
@@ -41,8 +89,17 @@ def test_cli_simulate_train_posterior(tmp_path, monkeypatch):
 def test_cli_reports_bad_observation(tmp_path, caplog):
     observation = tmp_path / "counts.json"
     observation.write_text(json.dumps([1, 2, 3]))
-    code = main(["posterior", "--estimator", str(tmp_path / "missing"), "--observation",
-                 str(observation), "--output", str(tmp_path)])
+    code = main(
+        [
+            "posterior",
+            "--estimator",
+            str(tmp_path / "missing"),
+            "--observation",
+            str(observation),
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert "is not an estimator folder" in caplog.text or "not found" in caplog.text
 
@@ -56,11 +113,19 @@ def test_trained_posterior_concentrates_near_truth(tmp_path):
     of the prior's area.
     """
     config = parse_config(small_config_dict())
-    simulate_run(config, tmp_path / "run", n_simulations=6000, batch_size=500, run_seed=21,
-                 workers=2, progress=False)
+    simulate_run(
+        config,
+        tmp_path / "run",
+        n_simulations=6000,
+        batch_size=500,
+        run_seed=21,
+        workers=2,
+        progress=False,
+    )
     data = load_training_data([tmp_path / "run"])
-    training = TrainingConfig(max_epochs=25, batch_size=128, seed=2, patience=4,
-                              embedding_width=128, head_width=64)
+    training = TrainingConfig(
+        max_epochs=25, batch_size=128, seed=2, patience=4, embedding_width=128, head_width=64
+    )
     result = train_estimator(data, training, tmp_path / "work", progress=False)
     folder = save_estimator(tmp_path / "estimator", result.model, result.config)
     estimator = load_estimator(folder)
@@ -71,17 +136,22 @@ def test_trained_posterior_concentrates_near_truth(tmp_path):
     rng = np.random.default_rng(77)
     gains = []
     for _ in range(30):
-        truth = {name: float(config.prior(name).sample(rng, 1)[0])
-                 for name in config.parameter_names}
+        truth = {
+            name: float(config.prior(name).sample(rng, 1)[0]) for name in config.parameter_names
+        }
         params = {name: np.array([value]) for name, value in truth.items()}
-        counts = rng.poisson(expected_counts(config, instrument, params,
-                                             np.array([rng.integers(2**63)], dtype=np.uint64))[0])
+        counts = rng.poisson(
+            expected_counts(
+                config, instrument, params, np.array([rng.integers(2**63)], dtype=np.uint64)
+            )[0]
+        )
         posterior = compute_posterior(estimator, counts, grid_size=40)
         joint = posterior.two_dim["m_neV__g_per_gev"]
         i = np.argmin(np.abs(joint.grid_x - np.log10(truth["m_neV"])))
         j = np.argmin(np.abs(joint.grid_y - np.log10(truth["g_per_gev"])))
-        prior_density = 1.0 / ((joint.grid_x[-1] - joint.grid_x[0])
-                               * (joint.grid_y[-1] - joint.grid_y[0]))
+        prior_density = 1.0 / (
+            (joint.grid_x[-1] - joint.grid_x[0]) * (joint.grid_y[-1] - joint.grid_y[0])
+        )
         gains.append(np.log(joint.density[i, j] / prior_density))
     assert np.mean(gains) > 0.2
 
@@ -89,8 +159,9 @@ def test_trained_posterior_concentrates_near_truth(tmp_path):
     truth = {name: float(config.prior(name).sample(rng, 1)[0]) for name in config.parameter_names}
     truth.update({"m_neV": 3.0, "g_per_gev": 8e-11})
     params = {name: np.array([value]) for name, value in truth.items()}
-    counts = rng.poisson(expected_counts(config, instrument, params,
-                                         np.array([12345], dtype=np.uint64))[0])
+    counts = rng.poisson(
+        expected_counts(config, instrument, params, np.array([12345], dtype=np.uint64))[0]
+    )
     joint = compute_posterior(estimator, counts, grid_size=60).two_dim["m_neV__g_per_gev"]
     from alpnre.validation import hpd_mask
 

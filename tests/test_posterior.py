@@ -6,21 +6,27 @@ import json
 
 import numpy as np
 import pytest
-from conftest import small_config_dict
-
 from alpnre.config import parse_config
 from alpnre.nre import TrainingConfig
 from alpnre.posterior import check_observation, compute_posterior, plot_posterior
 from alpnre.registry import load_estimator, save_estimator
 from alpnre.streaming import read_spectra
 from alpnre.training import load_training_data, train_estimator
+from conftest import small_config_dict
 
 
 @pytest.fixture(scope="module")
 def quick_estimator(small_run, tmp_path_factory):
     data = load_training_data([small_run])
-    training = TrainingConfig(max_epochs=2, batch_size=64, shuffle_buffer=256,
-                              embedding_width=32, n_features=8, head_width=16, seed=1)
+    training = TrainingConfig(
+        max_epochs=2,
+        batch_size=64,
+        shuffle_buffer=256,
+        embedding_width=32,
+        n_features=8,
+        head_width=16,
+        seed=1,
+    )
     folder = tmp_path_factory.mktemp("estimator")
     result = train_estimator(data, training, folder / "work", progress=False)
     save_estimator(folder / "estimator", result.model, result.config, metrics=result.metrics)

@@ -8,8 +8,6 @@ import logging
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import gammapy_data_file, small_config_dict
-
 from alpnre.config import IRF_1DC_SOUTH, IRF_NORTH, IRF_SOUTH, config_hash, parse_config
 from alpnre.dataset import DatasetError, batch_path, read_manifest, validate_batch_file
 from alpnre.physics.irf import load_instrument_response
@@ -20,6 +18,7 @@ from alpnre.simulate import (
     run_batch,
     simulate_batch,
 )
+from conftest import gammapy_data_file, small_config_dict
 
 
 def test_batch_seed_matches_spawn():
@@ -112,8 +111,10 @@ def test_manifest_of_run(small_run):
 def test_zero_coupling_has_no_alp_imprint(small_config):
     """npred at g -> 0 equals npred of pure EBL absorption whatever the B field."""
     instrument = load_instrument_response(small_config)
-    params = {name: np.full(2, small_config.prior(name).sample(np.random.default_rng(0), 1)[0])
-              for name in small_config.parameter_names}
+    params = {
+        name: np.full(2, small_config.prior(name).sample(np.random.default_rng(0), 1)[0])
+        for name in small_config.parameter_names
+    }
     params["g_per_gev"] = np.full(2, 1e-20)
     npred = expected_counts(small_config, instrument, params, np.array([1, 2], dtype=np.uint64))
     assert np.allclose(npred[0], npred[1], rtol=1e-10)
@@ -121,8 +122,10 @@ def test_zero_coupling_has_no_alp_imprint(small_config):
 
 def test_strong_coupling_changes_spectrum(small_config):
     instrument = load_instrument_response(small_config)
-    params = {name: np.full(2, small_config.prior(name).sample(np.random.default_rng(0), 1)[0])
-              for name in small_config.parameter_names}
+    params = {
+        name: np.full(2, small_config.prior(name).sample(np.random.default_rng(0), 1)[0])
+        for name in small_config.parameter_names
+    }
     params["g_per_gev"] = np.array([1e-20, 5e-11])
     params["m_neV"] = np.array([10.0, 10.0])
     npred = expected_counts(small_config, instrument, params, np.array([1, 1], dtype=np.uint64))

@@ -10,8 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import small_config_dict
-
 from alpnre.config import parse_config
 from alpnre.dataset import DatasetError, read_manifest, write_manifest
 from alpnre.nre import (
@@ -33,9 +31,18 @@ from alpnre.registry import (
 from alpnre.runs import simulate_run
 from alpnre.streaming import ParquetSpectra, read_spectra
 from alpnre.training import load_training_data, split_files, train_estimator
+from conftest import small_config_dict
 
-FAST = {"max_epochs": 2, "batch_size": 64, "shuffle_buffer": 256, "embedding_width": 32,
-        "n_features": 8, "head_width": 16, "patience": 5, "seed": 3}
+FAST = {
+    "max_epochs": 2,
+    "batch_size": 64,
+    "shuffle_buffer": 256,
+    "embedding_width": 32,
+    "n_features": 8,
+    "head_width": 16,
+    "patience": 5,
+    "seed": 3,
+}
 
 
 def _files(run_dir):
@@ -78,8 +85,9 @@ def test_stream_buffer_mixes_files(small_run):
 def test_poisson_redraw_changes_counts(small_run):
     files = _files(small_run)
     fixed = ParquetSpectra(files, ["m_neV"], batch_size=100, shuffle_buffer=300, seed=1)
-    redrawn = ParquetSpectra(files, ["m_neV"], batch_size=100, shuffle_buffer=300, seed=1,
-                             poisson_redraw=True)
+    redrawn = ParquetSpectra(
+        files, ["m_neV"], batch_size=100, shuffle_buffer=300, seed=1, poisson_redraw=True
+    )
     a, b = next(iter(fixed)), next(iter(redrawn))
     assert torch.equal(a.theta, b.theta)
     assert not torch.equal(a.x, b.x)
@@ -102,8 +110,9 @@ def _with_nan(source, target):
 def test_nonfinite_rows_stop_training(small_run, tmp_path):
     bad = tmp_path / "batch-000000.parquet"
     _with_nan(_files(small_run)[0], bad)
-    dataset = ParquetSpectra([bad], ["m_neV"], batch_size=50, shuffle_buffer=100,
-                             poisson_redraw=True)
+    dataset = ParquetSpectra(
+        [bad], ["m_neV"], batch_size=50, shuffle_buffer=100, poisson_redraw=True
+    )
     with pytest.raises(DatasetError, match=r"batch-000000.parquet: 1 rows contain NaN"):
         list(dataset)
 
@@ -111,8 +120,14 @@ def test_nonfinite_rows_stop_training(small_run, tmp_path):
 def test_nonfinite_rows_dropped_on_request(small_run, tmp_path):
     bad = tmp_path / "batch-000000.parquet"
     _with_nan(_files(small_run)[0], bad)
-    dataset = ParquetSpectra([bad], ["m_neV"], batch_size=50, shuffle_buffer=100,
-                             poisson_redraw=True, drop_nonfinite=True)
+    dataset = ParquetSpectra(
+        [bad],
+        ["m_neV"],
+        batch_size=50,
+        shuffle_buffer=100,
+        poisson_redraw=True,
+        drop_nonfinite=True,
+    )
     rows = sum(len(batch.x) for batch in dataset)
     assert dataset.n_dropped == 1
     assert rows == 150
@@ -138,8 +153,15 @@ def test_mixing_configs_rejected(small_run, tmp_path):
     data = small_config_dict()
     data["observation"]["livetime_h"] = 10.0
     other = tmp_path / "other"
-    simulate_run(parse_config(data), other, n_simulations=4, batch_size=2, run_seed=1,
-                 workers=1, progress=False)
+    simulate_run(
+        parse_config(data),
+        other,
+        n_simulations=4,
+        batch_size=2,
+        run_seed=1,
+        workers=1,
+        progress=False,
+    )
     with pytest.raises(DatasetError, match="cannot be mixed"):
         load_training_data([small_run, other])
 
@@ -155,8 +177,13 @@ def test_missing_batch_file_reported(small_run, tmp_path):
 def _model(config):
     training = TrainingConfig(**FAST)
     names, one_dim, two_dim = default_heads(config)
-    spec = EstimatorSpec(n_bins=40, axes=parameter_axes(config, names), one_dim=one_dim,
-                         two_dim=two_dim, training=training)
+    spec = EstimatorSpec(
+        n_bins=40,
+        axes=parameter_axes(config, names),
+        one_dim=one_dim,
+        two_dim=two_dim,
+        training=training,
+    )
     return RatioEstimator(spec), spec
 
 
@@ -165,8 +192,14 @@ def test_streaming_loss_equals_in_memory(small_run):
     data = load_training_data([small_run])
     model, spec = _model(data.config)
     model.eval()
-    dataset = ParquetSpectra(data.files, spec.parameter_names, batch_size=100,
-                             shuffle_buffer=300, seed=4, transform_theta=spec.transform_theta)
+    dataset = ParquetSpectra(
+        data.files,
+        spec.parameter_names,
+        batch_size=100,
+        shuffle_buffer=300,
+        seed=4,
+        transform_theta=spec.transform_theta,
+    )
     in_memory = list(dataset)
     with torch.no_grad():
         streamed = [float(nre_loss(model, b.x, b.theta, 10.0)) for b in dataset]
@@ -188,8 +221,9 @@ def test_resume_matches_uninterrupted(small_run, tmp_path):
 def test_published_estimator_reloads(small_run, tmp_path):
     data = load_training_data([small_run])
     result = train_estimator(data, TrainingConfig(**FAST), tmp_path / "work", progress=False)
-    estimator_id = publish_estimator(tmp_path / "registry", result.model, result.config,
-                                     metrics=result.metrics)
+    estimator_id = publish_estimator(
+        tmp_path / "registry", result.model, result.config, metrics=result.metrics
+    )
     loaded = load_estimator(resolve_estimator(estimator_id, tmp_path / "registry"))
     latest = resolve_estimator(f"latest:{result.config.name}", tmp_path / "registry")
     x = torch.as_tensor(read_spectra(data.files[:1], ["m_neV"])[0][:16], dtype=torch.float32)

@@ -152,8 +152,7 @@ def read_observation(path: Path, row: int) -> tuple[list[float], dict[str, float
     if isinstance(payload, dict):
         if "counts" not in payload:
             raise ValueError(f"{path}: a JSON object observation needs a 'counts' list")
-        truth = payload.get("truth")
-        return list(payload["counts"]), truth
+        return list(payload["counts"]), payload.get("truth")
     return list(payload), None
 
 

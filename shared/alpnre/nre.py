@@ -169,6 +169,9 @@ class EstimatorSpec(BaseModel):
 class SpectrumEmbedding(nn.Module):
     """log1p(counts) → standardised → MLP features; (B, n_bins) → (B, n_features)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, n_bins: int, width: int, n_features: int, dropout: float) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_bins))

@@ -187,7 +187,7 @@ class Marginal2D:
 
         threshold = hpd_threshold(self.density, level)
         generator = contourpy.contour_generator(self.grid_y, self.grid_x, self.density)
-        lines = generator.lines(threshold)
+        lines: list[np.ndarray] = generator.lines(threshold)  # type: ignore[assignment]
         # contourpy returns (x=grid_y, y=grid_x) points; swap to (grid_x, grid_y).
         return [[[float(p[1]), float(p[0])] for p in line] for line in lines]
 

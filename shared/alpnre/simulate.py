@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -113,7 +114,7 @@ def _survival_probabilities(
     params: Mapping[str, np.ndarray],
     bfield_seeds: np.ndarray,
 ) -> np.ndarray:
-    common = {
+    common: dict[str, Any] = {
         "source": config.source,
         "ebl_model": config.ebl.model,
         "propagation": config.propagation,

@@ -223,7 +223,7 @@ def train_estimator(
     train_files, validation_files = split_files(
         data.files, training.validation_fraction, training.seed
     )
-    common = {
+    common: dict[str, Any] = {
         "parameter_names": names,
         "batch_size": training.batch_size,
         "shuffle_buffer": training.shuffle_buffer,

@@ -17,9 +17,12 @@ REFERENCE_ENERGY_TEV = 0.3
 
 
 def cutoff_power_law_dnde(
-    energy_tev: np.ndarray, phi0_per_cm2_s_tev: float, gamma: float, ecut_tev: float
+    energy_tev: np.ndarray,
+    phi0_per_cm2_s_tev: float | np.ndarray,
+    gamma: float | np.ndarray,
+    ecut_tev: float | np.ndarray,
 ) -> np.ndarray:
-    """Differential photon flux in cm^-2 s^-1 TeV^-1 at ``energy_tev`` (any shape)."""
+    """Differential photon flux in cm^-2 s^-1 TeV^-1; the arguments broadcast together."""
     energy_tev = np.asarray(energy_tev, dtype=float)
     scaled = energy_tev / REFERENCE_ENERGY_TEV
     return phi0_per_cm2_s_tev * scaled ** (-gamma) * np.exp(-energy_tev / ecut_tev)
