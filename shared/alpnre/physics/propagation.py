@@ -468,9 +468,9 @@ def propagate(
         Shape (n_energy,): the photon survival probability P_γγ = P_x + P_y and the
         conversion probability into ALPs P_γa at the end of the path.
     """
-    backend = _resolve_backend(backend)
+    resolved = _resolve_backend(backend)
     n_energy = _check_steps(steps)
-    mix_cells = _mix_cells_numba if backend == "numba" else _mix_cells_numpy
+    mix_cells = _mix_cells_numba if resolved == "numba" else _mix_cells_numpy
 
     # Two pure photon states; their average is the unpolarised beam. Any frame works for
     # the start because the unpolarised density matrix is invariant under rotations.
