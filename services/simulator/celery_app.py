@@ -1,0 +1,97 @@
+"""Celery application of the simulation workers.
+
+Start a worker with::
+
+    celery -A services.simulator.celery_app worker -Q simulations --loglevel INFO
+
+It uses the prefork pool with one process per CPU core unless ``--concurrency`` or
+``ALPNRE_WORKER_CONCURRENCY`` sets another number. Settings come from ``ALPNRE_*``
+environment variables (see :class:`~services.simulator.settings.SimulatorSettings`).
+The API imports :func:`create_celery_app` to send tasks with the same configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from services.simulator import log_context
+from services.simulator.progress import ProgressStore
+from services.simulator.settings import SimulatorSettings
+from services.simulator.tasks import execute_batch
+
+__all__ = ["SIMULATE_BATCH_TASK", "app", "create_celery_app"]
+
+SIMULATE_BATCH_TASK = log_context.SIMULATE_BATCH_TASK
+
+
+def create_celery_app(settings: SimulatorSettings) -> Celery:
+    """Build a Celery app for ``settings`` with the ``simulate_batch`` task registered."""
+    app = Celery("alpnre-simulator")
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        task_default_queue=settings.queue,
+        task_routes={SIMULATE_BATCH_TASK: {"queue": settings.queue}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A batch is acknowledged only when it has finished, so a batch whose worker
+        # dies is delivered again; run_batch skips files that already validate.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        worker_log_format=log_context.LOG_FORMAT,
+        worker_task_log_format=log_context.LOG_FORMAT,
+    )
+    if settings.worker_concurrency is not None:
+        app.conf.worker_concurrency = settings.worker_concurrency
+
+    # Redis clients reconnect by themselves after the prefork pool forks.
+    store = ProgressStore.from_url(settings.progress_redis_url, prefix=settings.key_prefix)
+
+    def simulate_batch(
+        task: Any,
+        run_id: str,
+        batch_index: int,
+        config_ref: str,
+        run_seed: int,
+        batch_size: int,
+        n_simulations: int,
+    ) -> dict[str, Any]:
+        """Simulate batch ``batch_index`` of run ``run_id`` and write it to Parquet.
+
+        ``config_ref`` is the config as canonical JSON, a shipped config name or a YAML
+        path. The batch's seed derives from ``run_seed`` and ``batch_index`` alone.
+        """
+        return execute_batch(
+            task,
+            settings,
+            store,
+            run_id=run_id,
+            batch_index=batch_index,
+            config_ref=config_ref,
+            run_seed=run_seed,
+            batch_size=batch_size,
+            n_simulations=n_simulations,
+        )
+
+    # shared=False: otherwise every Celery app in the process would run the first
+    # registered closure, with the settings of the app that registered it.
+    app.task(
+        name=SIMULATE_BATCH_TASK,
+        shared=False,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        max_retries=settings.max_retries,
+    )(simulate_batch)
+    return app
+
+
+app = create_celery_app(SimulatorSettings())
