@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from alpnre.config import PropagationConfig, SourceConfig
+from alpnre.physics._gammaalps import import_gammaalps
 from alpnre.physics.bfield import CLUSTER_KEYS, galactic_cells, icm_cells
 from alpnre.physics.propagation import (
     AbsorptionStep,
@@ -141,7 +142,8 @@ def _survival_probability_gammaalps(
     kH = 0.01 (swapped) and to q = +11/3, and ModuleList keeps the ``eblnorm`` of the
     last ``add_propagation`` call, so it is passed to every call.
     """
-    from gammaALPs.core import ALP, ModuleList, Source
+    core = import_gammaalps("gammaALPs.core")
+    ALP, ModuleList, Source = core.ALP, core.ModuleList, core.Source
 
     value = {name: float(params[name]) for name in _REQUIRED}
     # numpy.random.seed, which gammaALPs calls, takes seeds below 2^32; simulators draw

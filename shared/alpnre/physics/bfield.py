@@ -349,8 +349,11 @@ def galactic_cells(ra_deg: float, dec_deg: float, model: str = "jansson12") -> C
     """
     import warnings
 
-    from gammaALPs.base.environs import MixGMF
-    from gammaALPs.core import ALP, Source
+    from alpnre.physics._gammaalps import import_gammaalps
+
+    MixGMF = import_gammaalps("gammaALPs.base.environs").MixGMF
+    core = import_gammaalps("gammaALPs.core")
+    ALP, Source = core.ALP, core.Source
 
     # gammaALPs' Source only converts coordinates given as Python floats.
     source = Source(z=0.0, ra=float(ra_deg), dec=float(dec_deg))
