@@ -111,8 +111,8 @@ def run_queue(
     """POST a run, wait until it completes and time it with the API's ``finished_at``.
 
     Polling is slow (every 0.25 s) because on a small machine the polling requests
-    would take CPU time from the workers; the end time comes from the progress store
-    (same clock, same machine), so the interval does not add to the measurement.
+    would take CPU time from the workers. The end time comes from the progress store,
+    on the same machine and clock, so the polling interval does not add to it.
     """
     body = {
         "config": config,
@@ -153,7 +153,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def best(measurements: list[Measurement]) -> Measurement:
-    """The fastest run: other load on the machine only ever adds time."""
+    """Return the fastest run, because other load on the machine only ever adds time."""
     return min(measurements, key=lambda measurement: measurement.seconds)
 
 

@@ -107,7 +107,10 @@ def list_simulations(
     settings: SettingsDep,
     queue: QueueDep,
     offset: Annotated[int, Query(ge=0, description="runs to skip, newest first")] = 0,
-    limit: Annotated[int | None, Query(ge=1, description="page size")] = None,
+    limit: Annotated[
+        int | None,
+        Query(ge=1, description="page size; default and maximum are set by the API settings"),
+    ] = None,
 ) -> SimulationPage:
     """List runs, newest first, one page at a time."""
     page_size = min(limit or settings.default_page_size, settings.max_page_size)
