@@ -23,16 +23,22 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import swyft
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from alpnre.config import AnalysisConfig
+
+with warnings.catch_warnings():
+    # swyft 0.4.5 imports pytorch-lightning 1.9, whose lightning_fabric warns that
+    # pkg_resources is deprecated on every import; nothing here uses it.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    import swyft
 from alpnre.priors import LogUniformPrior
 
 __all__ = [
