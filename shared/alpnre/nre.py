@@ -196,6 +196,33 @@ class SpectrumEmbedding(nn.Module):
         return self.net(z)
 
 
+class PairRatioHead(nn.Module):
+    """2-dim log-ratio heads built from swyft's channelled marginal classifier.
+
+    ``forward(features, theta_pairs)`` takes features (B, n_features) and the pairs'
+    parameters (B, 2 * n_pairs), pair k in columns 2k and 2k + 1, and returns
+    log-ratios (B, n_pairs).
+    """
+
+    def __init__(
+        self, n_features: int, n_pairs: int, hidden_features: int, num_blocks: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.n_pairs = n_pairs
+        self.classifier = swyft.networks.MarginalClassifier(
+            n_pairs,
+            n_features + 2,
+            hidden_features=hidden_features,
+            num_blocks=num_blocks,
+            dropout_probability=dropout,
+            use_batch_norm=False,
+        )
+
+    def forward(self, features: torch.Tensor, theta_pairs: torch.Tensor) -> torch.Tensor:
+        blocks = theta_pairs.reshape(len(theta_pairs), self.n_pairs, 2)
+        return self.classifier(features, blocks)
+
+
 class RatioEstimator(nn.Module):
     """Embedding plus swyft 1-dim and 2-dim log-ratio heads.
 
@@ -214,6 +241,9 @@ class RatioEstimator(nn.Module):
         self.embedding = SpectrumEmbedding(
             spec.n_bins, training.embedding_width, training.n_features, training.dropout
         )
+        # Batch normalisation is switched off in both heads: its batch statistics
+        # differ between joint and marginal pairs and between training and evaluation,
+        # which made the validation loss rise while the training loss fell.
         self.head_1d = swyft.LogRatioEstimator_1dim(
             num_features=training.n_features,
             num_params=len(self.index_1d),
@@ -221,13 +251,13 @@ class RatioEstimator(nn.Module):
             hidden_features=training.head_width,
             num_blocks=training.head_blocks,
             dropout=training.dropout,
+            use_batch_norm=False,
             ptrans_online_z_score=False,
         )
         self.head_2d = (
-            swyft.LogRatioEstimator_Ndim(
-                num_features=training.n_features,
-                marginals=[tuple(range(2 * i, 2 * i + 2)) for i in range(len(self.pairs_2d))],
-                varnames="theta2d",
+            PairRatioHead(
+                n_features=training.n_features,
+                n_pairs=len(self.pairs_2d),
                 hidden_features=training.head_width,
                 num_blocks=training.head_blocks,
                 dropout=training.dropout,
@@ -239,14 +269,16 @@ class RatioEstimator(nn.Module):
     def set_normalisation(self, mean: np.ndarray, std: np.ndarray) -> None:
         """Store the per-bin mean and standard deviation of log1p(counts)."""
         self.embedding.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.embedding.std.copy_(torch.as_tensor(np.maximum(std, 1e-3), dtype=torch.float32))
+        # A floor on the width keeps bins that were (almost) always empty in the
+        # normalisation sample from amplifying a rare count into a huge input.
+        self.embedding.std.copy_(torch.as_tensor(np.maximum(std, 0.05), dtype=torch.float32))
 
     def log_ratios(self, features: torch.Tensor, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Log-ratios for precomputed features (B, n_features) and θ (B, n_params)."""
         out = {"1d": self.head_1d(features, theta[:, self.index_1d]).logratios}
         if self.head_2d is not None:
             columns = [theta[:, [a, b]] for a, b in self.pairs_2d]
-            out["2d"] = self.head_2d(features, torch.cat(columns, dim=1)).logratios
+            out["2d"] = self.head_2d(features, torch.cat(columns, dim=1))
         return out
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -263,8 +295,11 @@ def nre_loss(
     """
     features = model.embedding(x)
     theta_marginal = torch.roll(theta, shifts=1, dims=0)
-    joint = model.log_ratios(features, theta)
-    marginal = model.log_ratios(features, theta_marginal)
+    # One pass over joint and marginal pairs together.
+    both = model.log_ratios(torch.cat([features, features]), torch.cat([theta, theta_marginal]))
+    n = len(x)
+    joint = {key: value[:n] for key, value in both.items()}
+    marginal = {key: value[n:] for key, value in both.items()}
     bce = nn.functional.binary_cross_entropy_with_logits
     total = x.new_zeros(())
     for key, logits_joint in joint.items():
