@@ -69,7 +69,12 @@ class TrainingConfig(BaseModel):
     head_blocks: int = Field(2, ge=1, le=16)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     bnre_lambda: float = Field(
-        100.0, ge=0.0, description="BNRE balancing penalty; 0 gives plain NRE"
+        10.0,
+        ge=0.0,
+        description="BNRE balancing penalty; 0 gives plain NRE. The default trades some "
+        "learning speed for conservative posteriors: on 3000 spectra of a 40-bin config, "
+        "lambda = 100 still sat at chance level (loss 2.70) after 10 epochs, lambda = 10 "
+        "reached 2.14 after 15 and lambda = 0 reached 1.93",
     )
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     poisson_redraw: bool = Field(True, description="redraw counts from npred every epoch")
