@@ -147,6 +147,8 @@ def _init_pool_worker(level: int) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(name)s [pid %(process)d]: %(message)s"
     )
+    # gammaALPs logs every environment it builds at INFO.
+    logging.getLogger("gamma_alps").setLevel(max(level, logging.WARNING))
 
 
 def _run_batch_from_json(
