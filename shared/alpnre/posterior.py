@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,40 @@ def check_observation(counts: Any, n_bins: int) -> np.ndarray:
             "observed event counts, not rates or excess"
         )
     return x
+
+
+def _channel_linear_einsum(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """Forward of swyft's ``LinearWithChannel`` as one GEMM per channel.
+
+    swyft computes ``matmul(weights, x[..., None])``, a batch of B x C matrix-vector
+    products. For 10^4 grid points and 32 features that took 20-30 ms per layer on a
+    2-core x86 CPU, and this einsum about 1 ms, with the same values to float32 rounding.
+    """
+    return torch.einsum("coi,...ci->...co", layer.weights, x) + layer.bias
+
+
+def _use_einsum_channel_layers(model: torch.nn.Module) -> None:
+    """Switch the channelized linear layers of ``model`` (this instance only) to the einsum form."""
+    from swyft.networks.channelized import LinearWithChannel
+
+    if getattr(model, "_einsum_channel_layers", False):
+        return
+    for module in model.modules():
+        if isinstance(module, LinearWithChannel):
+            module.forward = types.MethodType(_channel_linear_einsum, module)  # type: ignore[method-assign]
+    model._einsum_channel_layers = True  # type: ignore[assignment]
+
+
+def _log_ratios_2d(model: Any, features: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """2-dim log-ratios of shape (B, n_2d), without evaluating the 1-dim heads.
+
+    Same values as ``model.log_ratios(features, theta)["2d"]``. On the grid_size^2 grid
+    the 1-dim heads would do two thirds of the work for nothing.
+    """
+    columns = [theta[:, [a, b]] for a, b in model.pairs_2d]
+    out = model.head_2d(features, torch.cat(columns, dim=1))
+    # swyft's LogRatioEstimator_Ndim returns LogRatioSamples, other heads a tensor.
+    return getattr(out, "logratios", out)
 
 
 def _axis_grid(axis: ParameterAxis, size: int) -> np.ndarray:
@@ -283,6 +318,7 @@ def compute_posterior(
         raise ValueError(f"no 1-dim estimator for {unknown}; available: {spec.one_dim}")
 
     model = estimator.model
+    _use_einsum_channel_layers(model)
     device = next(model.parameters()).device
     features = model.embedding(torch.as_tensor(x[None, :], dtype=torch.float32, device=device))
     n_params = len(spec.axes)
@@ -316,10 +352,12 @@ def compute_posterior(
         theta2 = np.zeros((grid_size * grid_size, n_params), dtype=np.float32)
         theta2[:, spec.parameter_names.index(name_x)] = axis_x.standardise(mesh_x.ravel())
         theta2[:, spec.parameter_names.index(name_y)] = axis_y.standardise(mesh_y.ravel())
-        out = model.log_ratios(
-            features.expand(grid_size * grid_size, -1), torch.as_tensor(theta2, device=device)
+        out = _log_ratios_2d(
+            model,
+            features.expand(grid_size * grid_size, -1),
+            torch.as_tensor(theta2, device=device),
         )
-        log_ratio = out["2d"][:, k].double().cpu().numpy().reshape(grid_size, grid_size)
+        log_ratio = out[:, k].double().cpu().numpy().reshape(grid_size, grid_size)
         log_prior = (
             _log_prior_on_axis(estimator, axis_x, grid_x)[:, None]
             + _log_prior_on_axis(estimator, axis_y, grid_y)[None, :]
@@ -389,8 +427,17 @@ def plot_posterior(posterior: Posterior, path: str | None = None) -> Any:
 
     axis = axes[1, 0]
     axis.pcolormesh(joint.grid_x, joint.grid_y, joint.density.T, cmap="Blues", shading="auto")
-    thresholds = sorted(hpd_threshold(joint.density, level) for level in posterior.levels)
-    labels = sorted(posterior.levels, reverse=True)
+    # Higher levels have lower density thresholds. Levels whose regions are the same
+    # cells (a posterior concentrated on a few cells) share one contour, because
+    # matplotlib needs strictly increasing contour levels.
+    thresholds: list[float] = []
+    labels: list[float] = []
+    for threshold, level in sorted(
+        (hpd_threshold(joint.density, level), level) for level in posterior.levels
+    ):
+        if not thresholds or threshold > thresholds[-1]:
+            thresholds.append(threshold)
+            labels.append(level)
     contour = axis.contour(
         joint.grid_x,
         joint.grid_y,
