@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,45 @@ class ApiSettings(BaseSettings):
     max_page_size: int = Field(500, ge=1)
     broker_timeout_s: float = Field(
         3.0, gt=0, description="connect and read timeout of broker and progress store calls"
+    )
+
+    # Posterior queries and expected limits.
+    registry: str = Field(
+        "registry",
+        description="estimator registry folder (or a file:// URL of one) read by posterior queries",
+    )
+    inference_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="device of loaded estimators; 'auto' uses a GPU when torch finds one"
+    )
+    inference_threads: int = Field(
+        1,
+        ge=1,
+        description="torch threads of the API process; requests run in parallel threads, so "
+        "more threads per request oversubscribe the cores",
+    )
+    estimator_cache_size: int = Field(4, ge=1, description="estimators kept loaded (LRU)")
+    posterior_store_size: int = Field(
+        256, ge=1, description="posteriors kept for the figure endpoints (LRU, in memory)"
+    )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="larger request bodies are rejected with 413"
+    )
+    max_observations: int = Field(64, ge=1, description="observations in one posterior request")
+    max_grid_size: int = Field(400, ge=4, le=1000, description="maximum grid points per axis")
+    max_expected_limit_mocks: int = Field(
+        10_000, ge=1, description="maximum mock observations of one expected-limits request"
+    )
+    local_expected_limit_mocks: int = Field(
+        200,
+        ge=0,
+        description="expected-limits requests with at most this many mocks simulate in the API "
+        "process when backend is 'auto'; larger ones go to the simulation workers",
+    )
+    expected_limits_timeout_s: float = Field(
+        3600.0, gt=0, description="maximum wait for the simulation workers of one request"
+    )
+    expected_limits_store_size: int = Field(
+        64, ge=1, description="expected-limits jobs kept in memory (LRU)"
     )
 
     def simulator_settings(self) -> SimulatorSettings:
