@@ -18,7 +18,14 @@ import redis
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
-from services.api.routes import expected_limits, health, posteriors, simulations
+from services.api.routes import (
+    estimators,
+    expected_limits,
+    health,
+    posteriors,
+    simulations,
+    training_runs,
+)
 from services.api.settings import ApiSettings
 from services.simulator.client import BrokerUnavailableError, SimulationQueue
 from services.simulator.progress import ProgressStore
@@ -30,7 +37,13 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/v1"
 
 # One router per resource, all mounted under /v1.
-V1_ROUTERS = [simulations.router, posteriors.router, expected_limits.router]
+V1_ROUTERS = [
+    simulations.router,
+    training_runs.router,
+    estimators.router,
+    posteriors.router,
+    expected_limits.router,
+]
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:

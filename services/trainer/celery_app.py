@@ -1,0 +1,96 @@
+"""Celery application of the training worker.
+
+Start one worker per machine with::
+
+    celery -A services.trainer.celery_app worker -Q training --concurrency 1 --loglevel INFO
+
+One training at a time (``--concurrency 1``): a training uses every CPU core, or the
+GPU, by itself. Settings come from ``ALPNRE_*`` environment variables (see
+:class:`~services.trainer.settings.TrainerSettings`). The API imports
+:func:`create_celery_app` to send trainings with the same configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from services.trainer import log_context
+from services.trainer.progress import TrainingProgressStore
+from services.trainer.settings import TrainerSettings
+from services.trainer.tasks import execute_training
+
+__all__ = ["TRAIN_TASK", "app", "create_celery_app"]
+
+TRAIN_TASK = "alpnre.train"
+
+
+def create_celery_app(settings: TrainerSettings) -> Celery:
+    """Build a Celery app for ``settings`` with the ``train`` task registered."""
+    app = Celery("alpnre-trainer")
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.training_visibility_timeout_s},
+        task_default_queue=settings.training_queue,
+        task_routes={TRAIN_TASK: {"queue": settings.training_queue}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A training is acknowledged only when it has finished, so a training whose
+        # process dies is delivered again and resumes from its checkpoint.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        # A fresh pool process per training returns the memory (and GPU memory) of the
+        # previous one.
+        worker_max_tasks_per_child=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_soft_time_limit=settings.training_soft_time_limit_s,
+        task_time_limit=settings.training_time_limit_s,
+        worker_log_format=log_context.LOG_FORMAT,
+        worker_task_log_format=log_context.LOG_FORMAT,
+    )
+
+    # Redis clients reconnect by themselves after the prefork pool forks.
+    store = TrainingProgressStore.from_url(settings.progress_redis_url, prefix=settings.key_prefix)
+
+    def train(
+        task: Any,
+        training_run_id: str,
+        runs: list[str],
+        hyperparameters: dict[str, Any],
+        registry: str | None = None,
+    ) -> dict[str, Any]:
+        """Train an estimator on ``runs`` and publish it to ``registry``.
+
+        ``runs`` are run ids (folders under ``ALPNRE_DATA_DIR``) or run folders;
+        ``hyperparameters`` are :class:`alpnre.nre.TrainingConfig` values; ``registry``
+        is a folder or fsspec URL, by default ``ALPNRE_REGISTRY`` of the worker.
+        """
+        return execute_training(
+            task,
+            settings,
+            store,
+            training_run_id=training_run_id,
+            runs=runs,
+            hyperparameters=hyperparameters,
+            registry=registry,
+        )
+
+    # shared=False: otherwise every Celery app in the process would run the first
+    # registered closure, with the settings of the app that registered it.
+    app.task(
+        name=TRAIN_TASK,
+        shared=False,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        max_retries=settings.training_max_retries,
+    )(train)
+    return app
+
+
+app = create_celery_app(TrainerSettings())
