@@ -25,6 +25,7 @@ from services.api.routes import (
     posteriors,
     simulations,
     training_runs,
+    validation,
 )
 from services.api.settings import ApiSettings
 from services.simulator.client import BrokerUnavailableError, SimulationQueue
@@ -43,6 +44,7 @@ V1_ROUTERS = [
     estimators.router,
     posteriors.router,
     expected_limits.router,
+    validation.router,
 ]
 
 

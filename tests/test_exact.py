@@ -1,0 +1,217 @@
+"""The exact-likelihood reference: forward model, nuisance integral and posteriors.
+
+All configs here are the small test config (40 reconstructed energy bins) with one
+fixed B-field realisation, which the preset 'confident' of the shipped config turns
+into an explicit Poisson likelihood.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from alpnre.config import parse_config
+from alpnre.exact import (
+    ExactLikelihood,
+    ExactPosterior,
+    check_exact_config,
+    compare_with_exact,
+    exact_posterior,
+)
+from alpnre.physics.irf import load_instrument_response
+from alpnre.simulate import expected_counts
+from alpnre.validation import hpd_mask
+from conftest import small_config_dict
+from scipy import special
+
+BFIELD_SEED = 7
+
+
+def fixed_field_config(**observation: float):
+    data = small_config_dict()
+    data["propagation"] = {"fixed_bfield_seed": BFIELD_SEED}
+    data["observation"].update(observation)
+    return parse_config(data)
+
+
+def draw_parameters(config, rng, n, **fixed):
+    params = {name: config.prior(name).sample(rng, n) for name in config.parameter_names}
+    for name, value in fixed.items():
+        params[name][:] = value
+    return params
+
+
+@pytest.fixture(scope="module")
+def likelihood():
+    return ExactLikelihood(fixed_field_config())
+
+
+def test_npred_matches_simulator(likelihood):
+    config = likelihood.config
+    rng = np.random.default_rng(3)
+    params = draw_parameters(config, rng, 6)
+    params["m_neV"][:2] = [30.0, 0.5]
+    params["g_per_gev"][:2] = [5e-11, 8e-11]
+    seeds = np.full(6, BFIELD_SEED, dtype=np.uint64)
+
+    reference = expected_counts(config, load_instrument_response(config), params, seeds)
+
+    np.testing.assert_allclose(likelihood.npred(params), reference, rtol=1e-10, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({}, "propagation.fixed_bfield_seed is not set"),
+        ({"preset": "informed"}, "cluster parameters \\['b0_microgauss'"),
+        (
+            {"propagation": {"fixed_bfield_seed": 1, "backend": "gammaalps"}},
+            "propagation.backend is 'gammaalps'",
+        ),
+    ],
+)
+def test_config_without_exact_likelihood_rejected(overrides, match):
+    config = parse_config(small_config_dict(**overrides))
+    with pytest.raises(ValueError, match=match):
+        check_exact_config(config)
+    with pytest.raises(ValueError, match="preset 'confident'"):
+        check_exact_config(config)
+
+
+def test_marginal_likelihood_matches_brute_force():
+    """Adaptive quadrature against a dense midpoint rule over the whole prior box.
+
+    Three minutes of livetime give ~180 counts, a posterior of the intrinsic
+    spectrum broad enough for an 80^3 grid to resolve it.
+    """
+    likelihood = ExactLikelihood(fixed_field_config(livetime_h=0.05))
+    config = likelihood.config
+    rng = np.random.default_rng(1)
+    truth = draw_parameters(config, rng, 1, m_neV=30.0, g_per_gev=5e-11)
+    counts = rng.poisson(likelihood.npred(truth)[0]).astype(float)
+    p_gamma_gamma = likelihood.survival_probabilities(
+        np.array([30.0, 1.0]), np.array([5e-11, 3e-12])
+    )
+
+    brute = []
+    edges = {
+        name: np.linspace(*config.prior(name).support(), 81)
+        for name in ("gamma", "ecut_tev", "phi0_per_cm2_s_tev")
+    }
+    centres = {name: 0.5 * (e[1:] + e[:-1]) for name, e in edges.items()}
+    gamma, ecut = np.meshgrid(centres["gamma"], centres["ecut_tev"], indexing="ij")
+    # Each cell's prior mass is 1 / 80^3 for the uniform priors of the config.
+    log_cell_mass = -3 * np.log(80)
+    for node in range(2):
+        rows = np.repeat(p_gamma_gamma[node : node + 1], gamma.size, axis=0)
+        signal = likelihood.signal_counts(rows, gamma.ravel(), ecut.ravel())
+        values = []
+        for phi0 in centres["phi0_per_cm2_s_tev"]:
+            npred = phi0 * signal + likelihood.background
+            values.append(special.xlogy(counts, npred).sum(axis=1) - npred.sum(axis=1))
+        brute.append(special.logsumexp(np.array(values)) + log_cell_mass)
+
+    adaptive = likelihood.log_marginal_likelihood(counts, p_gamma_gamma, quadrature_order=8)
+
+    np.testing.assert_allclose(adaptive, brute, atol=0.02)
+    assert adaptive[1] - adaptive[0] == pytest.approx(brute[1] - brute[0], abs=0.005)
+
+
+def test_quadrature_order_converges(likelihood):
+    """Node-to-node differences of log Z settle to 0.02 nats for 50 h of data (~2.5e5 counts)."""
+    config = likelihood.config
+    rng = np.random.default_rng(2)
+    truth = draw_parameters(config, rng, 1, m_neV=3.0, g_per_gev=2e-12)
+    counts = rng.poisson(likelihood.npred(truth)[0]).astype(float)
+    p_gamma_gamma = likelihood.survival_probabilities(
+        np.array([3.0, 30.0, 0.3]), np.array([2e-12, 5e-11, 1e-13])
+    )
+
+    results = [
+        likelihood.log_marginal_likelihood(counts, p_gamma_gamma, quadrature_order=order)
+        for order in (6, 10)
+    ]
+
+    differences = [values - values[0] for values in results]
+    np.testing.assert_allclose(differences[0], differences[1], atol=0.02)
+
+
+def test_exact_posterior_concentrates_on_truth(likelihood):
+    """A strong signal simulated at a grid node puts the exact posterior on that node.
+
+    The node must be a grid node: the likelihood of a strong signal changes by hundreds
+    of nats between neighbouring nodes, so only the node itself fits.
+    """
+    config = likelihood.config
+    grid_size = 8
+    log10_m = np.linspace(-1.0, 2.0, grid_size)
+    log10_g = np.linspace(-13.0, -10.0, grid_size)
+    i, j = 5, 6
+    rng = np.random.default_rng(4)
+    truth = draw_parameters(config, rng, 1, m_neV=10 ** log10_m[i], g_per_gev=10 ** log10_g[j])
+    counts = rng.poisson(likelihood.npred(truth)[0])
+
+    posterior = exact_posterior(config, counts, grid_size=grid_size, quadrature_order=4)
+
+    probabilities = posterior.probabilities()[0]
+    np.testing.assert_allclose(posterior.grid_x, log10_m)
+    np.testing.assert_allclose(posterior.grid_y, log10_g)
+    assert np.unravel_index(np.argmax(probabilities), probabilities.shape) == (i, j)
+    assert hpd_mask(probabilities, 0.68)[i, j]
+    assert probabilities[i, j] > 0.5
+
+
+def test_exact_posterior_is_prior_without_information():
+    """With 3.6 µs of livetime (~5e-6 expected counts) the posterior is the prior.
+
+    Both priors are log-uniform, so the prior is flat on the (log10 m, log10 g) grid.
+    """
+    config = fixed_field_config(livetime_h=1e-9)
+    counts = np.zeros(config.observation.n_energy_bins)
+
+    posterior = exact_posterior(config, counts, grid_size=6, quadrature_order=4)
+
+    probabilities = posterior.probabilities()[0]
+    np.testing.assert_allclose(probabilities, 1.0 / probabilities.size, rtol=1e-5)
+    assert posterior.effective_cells()[0] == pytest.approx(36.0, rel=1e-6)
+
+
+def gaussian_log_density(grid_x, grid_y, centre, width=0.3):
+    mesh_x, mesh_y = np.meshgrid(grid_x, grid_y, indexing="ij")
+    return -((mesh_x - centre[0]) ** 2 + (mesh_y - centre[1]) ** 2) / (2 * width**2)
+
+
+def cell_probabilities(log_density):
+    weights = np.exp(log_density - log_density.max())
+    return weights / weights.sum()
+
+
+def test_comparison_of_identical_posteriors():
+    exact_x, exact_y = np.linspace(-1.0, 2.0, 61), np.linspace(-13.0, -10.0, 61)
+    grid_x = -1.0 + (np.arange(32) + 0.5) * 3.0 / 32
+    grid_y = -13.0 + (np.arange(32) + 0.5) * 3.0 / 32
+    centre = (0.5, -11.5)
+    exact = ExactPosterior(
+        exact_x, exact_y, gaussian_log_density(exact_x, exact_y, centre)[None], 6
+    )
+    same = cell_probabilities(gaussian_log_density(grid_x, grid_y, centre))[None]
+    higher = cell_probabilities(gaussian_log_density(grid_x, grid_y, (0.5, -11.2)))[None]
+
+    identical = compare_with_exact(same, grid_x, grid_y, exact)
+    shifted = compare_with_exact(higher, grid_x, grid_y, exact)
+
+    assert identical.jsd[0] < 1e-3
+    assert np.abs(identical.upper_limit_shift).max() < 0.01
+    assert shifted.jsd[0] > 0.05
+    assert shifted.upper_limit_shift.mean() == pytest.approx(0.3, abs=0.02)
+    assert identical.resolved[0]
+    summary = identical.to_dict()
+    assert summary["n_observations"] == 1
+    assert summary["n_resolved"] == 1
+    assert len(summary["upper_limit_95_shift_dex"]["mean_per_mass"]) == 32
+
+
+def test_comparison_needs_same_observations():
+    grid = np.linspace(0.0, 1.0, 5)
+    exact = ExactPosterior(grid, grid, np.zeros((2, 5, 5)), 6)
+    with pytest.raises(ValueError, match="3 NRE posteriors but 2 exact ones"):
+        compare_with_exact(np.full((3, 4, 4), 1 / 16), grid[:4], grid[:4], exact)
