@@ -175,13 +175,6 @@ class _Coordinate:
             return special.logit((value - self.low) / (self.high - self.low))
         return (value - self.prior.mean) / self.prior.std
 
-    @property
-    def quadrature_bounds(self) -> tuple[float, float]:
-        """Integration range of ν: the prior support, infinite for normal priors."""
-        if self.bounded:
-            return self.low, self.high
-        return -math.inf, math.inf
-
     def prior_terms(self, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return log p(ν), d log p / dν and the curvature -d² log p / dν², kept >= 0."""
         log_prior = np.asarray(self.prior.log_prob(value), dtype=float)
