@@ -310,7 +310,7 @@ class _ProductLogRatios:
         sample_features, sample_theta = features[:2], theta[:: max(1, len(theta) // 32)]
         try:
             fast = self._fast(sample_features, sample_theta, key)
-        except (AttributeError, TypeError, RuntimeError, ValueError) as error:
+        except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as error:
             log.warning("fast grid evaluation failed (%s), so the network forward is used", error)
             self.fast = False
             return
