@@ -37,11 +37,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
             stopped = stack_down(state_dir=args.state_dir)
             log.info("stopped %d processes", len(stopped))
         else:
-            state = stack_status(state_dir=args.state_dir)
-            if state is None:
+            current = stack_status(state_dir=args.state_dir)
+            if current is None:
                 log.info("no stack is running")
             else:
-                _describe(state)
+                _describe(current)
     except StackError as error:
         log.error("%s", error)
         return 1
