@@ -434,10 +434,10 @@ INVALID_REQUESTS = [
     ("unknown config field", with_config(colour="red"), "config", "colour"),
     ("out-of-range prior", out_of_range_prior(), "config", "outside the physical range"),
     (
-        "missing IRF file",
+        "server file path",
         with_config(irf={"path": "/nonexistent/irf.fits.gz"}),
-        "config",
-        "/nonexistent/irf.fits.gz (irf.path) not found",
+        "config.irf.path",
+        "irf.path is not accepted over the API",
     ),
     ("batch size 0", {**request_body(), "batch_size": 0}, "batch_size", "greater than or equal"),
     (

@@ -209,6 +209,16 @@ def _resolve_config(config: dict[str, Any] | str) -> AnalysisConfig:
     try:
         if isinstance(config, str):
             return load_config(config)
-        return parse_config(config, source="in the request body")
+        parsed = parse_config(config, source="in the request body")
     except ConfigError as error:
         raise _validation_error("config", str(error), None) from None
+    # An inline config may not name a file on the server: the error for a missing file
+    # would tell the caller which paths exist.
+    if parsed.irf.path is not None:
+        raise _validation_error(
+            "config.irf.path",
+            "irf.path is not accepted over the API: use irf.gammapy_data_file, resolved "
+            "under the server's GAMMAPY_DATA, or a shipped config",
+            parsed.irf.path,
+        )
+    return parsed
