@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Celery
 
+from services.common import queue_celery_config, register_task
 from services.simulator import log_context
 from services.simulator.progress import ProgressStore
 from services.simulator.settings import SimulatorSettings
@@ -29,25 +30,18 @@ SIMULATE_BATCH_TASK = log_context.SIMULATE_BATCH_TASK
 def create_celery_app(settings: SimulatorSettings) -> Celery:
     """Build a Celery app for ``settings`` with the ``simulate_batch`` task registered."""
     app = Celery("alpnre-simulator")
+    # A batch whose worker dies is delivered again, and run_batch skips files that
+    # already validate.
     app.conf.update(
-        broker_url=settings.broker_url,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        task_default_queue=settings.queue,
-        task_routes={SIMULATE_BATCH_TASK: {"queue": settings.queue}},
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        # A batch is acknowledged only when it has finished, so a batch whose worker
-        # dies is delivered again; run_batch skips files that already validate.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_soft_time_limit=settings.task_soft_time_limit_s,
-        task_time_limit=settings.task_time_limit_s,
-        worker_log_format=log_context.LOG_FORMAT,
-        worker_task_log_format=log_context.LOG_FORMAT,
+        queue_celery_config(
+            broker_url=settings.broker_url,
+            queue=settings.queue,
+            task_name=SIMULATE_BATCH_TASK,
+            visibility_timeout_s=settings.visibility_timeout_s,
+            soft_time_limit_s=settings.task_soft_time_limit_s,
+            time_limit_s=settings.task_time_limit_s,
+            log_format=log_context.LOG_FORMAT,
+        )
     )
     if settings.worker_concurrency is not None:
         app.conf.worker_concurrency = settings.worker_concurrency
@@ -81,16 +75,7 @@ def create_celery_app(settings: SimulatorSettings) -> Celery:
             n_simulations=n_simulations,
         )
 
-    # shared=False: otherwise every Celery app in the process would run the first
-    # registered closure, with the settings of the app that registered it.
-    app.task(
-        name=SIMULATE_BATCH_TASK,
-        shared=False,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        max_retries=settings.max_retries,
-    )(simulate_batch)
+    register_task(app, SIMULATE_BATCH_TASK, simulate_batch, settings.max_retries)
     return app
 
 

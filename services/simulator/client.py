@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import kombu.exceptions
 import redis
 from celery import Celery
-from kombu.utils.url import maybe_sanitize_url
 
+from services.common import BROKER_ERRORS, BrokerClient, BrokerUnavailableError
 from services.simulator.celery_app import SIMULATE_BATCH_TASK, create_celery_app
 from services.simulator.progress import ProgressStore
 from services.simulator.settings import SimulatorSettings
@@ -24,54 +23,14 @@ __all__ = ["BROKER_ERRORS", "BrokerUnavailableError", "SimulationQueue"]
 
 log = logging.getLogger(__name__)
 
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    kombu.exceptions.OperationalError,
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-)
 
-
-class BrokerUnavailableError(RuntimeError):
-    """The broker or the progress store cannot be reached; the message names the URL."""
-
-
-class SimulationQueue:
+class SimulationQueue(BrokerClient[SimulatorSettings, ProgressStore]):
     """The ``simulations`` queue as seen by a producer: check, enqueue, cancel."""
 
     def __init__(
         self, settings: SimulatorSettings, store: ProgressStore, app: Celery | None = None
     ) -> None:
-        self.settings = settings
-        self.store = store
-        self.app = app or create_celery_app(settings)
-
-    @property
-    def broker_location(self) -> str:
-        """Broker URL without its password, for messages."""
-        return str(maybe_sanitize_url(self.settings.broker_url))
-
-    def unavailable(self, error: BaseException) -> BrokerUnavailableError:
-        """Wrap a connection error in one that names the broker URL and the fix."""
-        return BrokerUnavailableError(
-            f"broker unavailable at {self.broker_location}: {error}; start redis-server or "
-            "set ALPNRE_BROKER_URL to a reachable Redis"
-        )
-
-    def check_broker(self, timeout_s: float = 3.0) -> None:
-        """Connect to the broker and the progress store once.
-
-        Raises
-        ------
-        BrokerUnavailableError
-            When either cannot be reached within ``timeout_s``.
-        """
-        try:
-            with self.app.connection_for_write() as connection:
-                connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout_s)
-            self.store.ping()
-        except BROKER_ERRORS as error:
-            raise self.unavailable(error) from error
+        super().__init__(settings, store, app or create_celery_app(settings))
 
     def enqueue_run(
         self,

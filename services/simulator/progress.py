@@ -16,7 +16,6 @@ is never counted twice.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -24,6 +23,8 @@ from typing import cast
 
 import redis
 from redis.typing import EncodableT, FieldT
+
+from services.common import ID_PATTERN, RedisStore, optional_float
 
 __all__ = [
     "RUN_ID_PATTERN",
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 # Run ids name folders, so they must not contain a path separator or start with a dot.
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+RUN_ID_PATTERN = ID_PATTERN
 
 
 class BatchStatus(StrEnum):
@@ -189,25 +190,13 @@ class RunProgress:
         return pending_rows / throughput
 
 
-class ProgressStore:
+class ProgressStore(RedisStore):
     """Run progress in Redis; see the module docstring for the key layout."""
 
     def __init__(self, client: redis.Redis, prefix: str = "alpnre") -> None:
-        self.client = client
-        self.prefix = prefix
+        super().__init__(client, prefix)
         self._transition = client.register_script(_TRANSITION_LUA)
         self._cancel = client.register_script(_CANCEL_LUA)
-
-    @classmethod
-    def from_url(cls, url: str, prefix: str = "alpnre", timeout_s: float = 5.0) -> ProgressStore:
-        """Connect lazily to the Redis at ``url``; nothing is sent before the first call."""
-        client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-        )
-        return cls(client, prefix)
 
     def _run_key(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}"
@@ -219,10 +208,6 @@ class ProgressStore:
     def lock_name(self, run_id: str) -> str:
         """Name of the Redis lock that serialises updates of the run's manifest."""
         return f"{self._run_key(run_id)}:manifest-lock"
-
-    def ping(self) -> None:
-        """Raise ``redis.ConnectionError`` when the store cannot be reached."""
-        self.client.ping()
 
     def create_run(
         self,
@@ -326,16 +311,9 @@ class ProgressStore:
 
     def list_runs(self, offset: int, limit: int) -> tuple[list[RunProgress], int]:
         """Return a page of runs, newest first, and the total number of runs."""
-        index_key = f"{self.prefix}:runs"
-        run_ids = cast(list[str], self.client.zrevrange(index_key, offset, offset + limit - 1))
-        total = self.client.zcard(index_key)
+        run_ids, total = self._page_ids(f"{self.prefix}:runs", offset, limit)
         runs = [progress for progress in self._get_many(run_ids) if progress is not None]
         return runs, total
-
-
-def _optional_float(fields: dict[str, str], name: str) -> float | None:
-    value = fields.get(name)
-    return float(value) if value is not None else None
 
 
 def _progress_from_fields(fields: dict[str, str], raw_errors: list[str]) -> RunProgress:
@@ -352,10 +330,10 @@ def _progress_from_fields(fields: dict[str, str], raw_errors: list[str]) -> RunP
         created_at=float(fields["created_at"]),
         batch_counts={status: int(fields[f"batches_{status}"]) for status in BatchStatus},
         rows_written=int(fields["rows_written"]),
-        started_at=_optional_float(fields, "started_at"),
-        finished_at=_optional_float(fields, "finished_at"),
-        cancelled_at=_optional_float(fields, "cancelled_at"),
-        updated_at=_optional_float(fields, "updated_at"),
+        started_at=optional_float(fields, "started_at"),
+        finished_at=optional_float(fields, "finished_at"),
+        cancelled_at=optional_float(fields, "cancelled_at"),
+        updated_at=optional_float(fields, "updated_at"),
         error=fields.get("error"),
         batch_errors=sorted(errors, key=lambda error: error.batch_index),
     )

@@ -5,26 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common import BrokerSettings
 
 __all__ = ["SimulatorSettings"]
 
 
-class SimulatorSettings(BaseSettings):
+class SimulatorSettings(BrokerSettings):
     """Broker, data folder, time limits and retry policy of the ``simulations`` queue.
 
     Every field is read from the environment variable ``ALPNRE_<FIELD>``, e.g.
     ``ALPNRE_BROKER_URL`` or ``ALPNRE_TASK_TIME_LIMIT_S``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ALPNRE_", extra="ignore")
-
-    broker_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis URL of the Celery broker"
-    )
-    progress_url: str | None = Field(
-        None, description="Redis URL of the run progress store; default: broker_url"
-    )
     data_dir: Path = Field(
         Path("runs"),
         description="folder of the run folders, shared by the workers and the API",
@@ -45,12 +38,9 @@ class SimulatorSettings(BaseSettings):
         description="seconds before Redis hands an unacknowledged batch to another worker",
     )
     max_retries: int = Field(5, ge=0, description="retries of a batch after transient errors")
-    retry_backoff_s: float = Field(2.0, gt=0, description="delay before the first retry")
-    retry_backoff_max_s: float = Field(60.0, gt=0, description="maximum delay between retries")
     manifest_lock_timeout_s: float = Field(
         60.0, gt=0, description="maximum wait for the lock that serialises manifest updates"
     )
-    key_prefix: str = Field("alpnre", description="prefix of the Redis keys of the progress store")
 
     @model_validator(mode="after")
     def _check_time_limits(self) -> SimulatorSettings:
@@ -71,11 +61,6 @@ class SimulatorSettings(BaseSettings):
                 "Redis hands running batches to a second worker"
             )
         return self
-
-    @property
-    def progress_redis_url(self) -> str:
-        """Redis URL of the progress store."""
-        return self.progress_url or self.broker_url
 
     def run_dir(self, run_id: str) -> Path:
         """Folder of run ``run_id``."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Celery
 
+from services.common import queue_celery_config, register_task
 from services.trainer import log_context
 from services.trainer.progress import TrainingProgressStore
 from services.trainer.settings import TrainerSettings
@@ -29,29 +30,21 @@ TRAIN_TASK = "alpnre.train"
 def create_celery_app(settings: TrainerSettings) -> Celery:
     """Build a Celery app for ``settings`` with the ``train`` task registered."""
     app = Celery("alpnre-trainer")
+    # A training whose process dies is delivered again and resumes from its checkpoint.
     app.conf.update(
-        broker_url=settings.broker_url,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.training_visibility_timeout_s},
-        task_default_queue=settings.training_queue,
-        task_routes={TRAIN_TASK: {"queue": settings.training_queue}},
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        # A training is acknowledged only when it has finished, so a training whose
-        # process dies is delivered again and resumes from its checkpoint.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        queue_celery_config(
+            broker_url=settings.broker_url,
+            queue=settings.training_queue,
+            task_name=TRAIN_TASK,
+            visibility_timeout_s=settings.training_visibility_timeout_s,
+            soft_time_limit_s=settings.training_soft_time_limit_s,
+            time_limit_s=settings.training_time_limit_s,
+            log_format=log_context.LOG_FORMAT,
+        ),
         worker_concurrency=1,
         # A fresh pool process per training returns the memory (and GPU memory) of the
         # previous one.
         worker_max_tasks_per_child=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_soft_time_limit=settings.training_soft_time_limit_s,
-        task_time_limit=settings.training_time_limit_s,
-        worker_log_format=log_context.LOG_FORMAT,
-        worker_task_log_format=log_context.LOG_FORMAT,
     )
 
     # Redis clients reconnect by themselves after the prefork pool forks.
@@ -80,16 +73,7 @@ def create_celery_app(settings: TrainerSettings) -> Celery:
             registry=registry,
         )
 
-    # shared=False: otherwise every Celery app in the process would run the first
-    # registered closure, with the settings of the app that registered it.
-    app.task(
-        name=TRAIN_TASK,
-        shared=False,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        max_retries=settings.training_max_retries,
-    )(train)
+    register_task(app, TRAIN_TASK, train, settings.training_max_retries)
     return app
 
 

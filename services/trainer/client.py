@@ -6,9 +6,8 @@ import logging
 from typing import Any
 
 from celery import Celery
-from kombu.utils.url import maybe_sanitize_url
 
-from services.simulator.client import BROKER_ERRORS, BrokerUnavailableError
+from services.common import BROKER_ERRORS, BrokerClient
 from services.trainer.celery_app import TRAIN_TASK, create_celery_app
 from services.trainer.progress import TrainingProgressStore
 from services.trainer.settings import TrainerSettings
@@ -18,7 +17,7 @@ __all__ = ["TrainingQueue"]
 log = logging.getLogger(__name__)
 
 
-class TrainingQueue:
+class TrainingQueue(BrokerClient[TrainerSettings, TrainingProgressStore]):
     """The ``training`` queue as seen by a producer: check the broker, send trainings."""
 
     def __init__(
@@ -27,36 +26,7 @@ class TrainingQueue:
         store: TrainingProgressStore,
         app: Celery | None = None,
     ) -> None:
-        self.settings = settings
-        self.store = store
-        self.app = app or create_celery_app(settings)
-
-    @property
-    def broker_location(self) -> str:
-        """Broker URL without its password, for messages."""
-        return str(maybe_sanitize_url(self.settings.broker_url))
-
-    def unavailable(self, error: BaseException) -> BrokerUnavailableError:
-        """Wrap a connection error in one that names the broker URL and the fix."""
-        return BrokerUnavailableError(
-            f"broker unavailable at {self.broker_location}: {error}; start redis-server or "
-            "set ALPNRE_BROKER_URL to a reachable Redis"
-        )
-
-    def check_broker(self, timeout_s: float = 3.0) -> None:
-        """Connect to the broker and the progress store once.
-
-        Raises
-        ------
-        BrokerUnavailableError
-            When either cannot be reached within ``timeout_s``.
-        """
-        try:
-            with self.app.connection_for_write() as connection:
-                connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout_s)
-            self.store.ping()
-        except BROKER_ERRORS as error:
-            raise self.unavailable(error) from error
+        super().__init__(settings, store, app or create_celery_app(settings))
 
     def enqueue(
         self,

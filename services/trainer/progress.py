@@ -15,15 +15,15 @@ The sorted set ``<prefix>:trainings`` lists training run ids by creation time.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any
 
-import redis
 from redis.typing import EncodableT, FieldT
+
+from services.common import ID_PATTERN, RedisStore, optional_float
 
 __all__ = [
     "TRAINING_RUN_ID_PATTERN",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 # Training run ids name checkpoint folders, so they must not contain a path separator.
-TRAINING_RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TRAINING_RUN_ID_PATTERN = ID_PATTERN
 
 
 class TrainingState(StrEnum):
@@ -96,32 +96,11 @@ class TrainingProgress:
         return max(remaining, 0) * statistics.median(record.seconds for record in self.epochs)
 
 
-class TrainingProgressStore:
+class TrainingProgressStore(RedisStore):
     """Training progress in Redis; see the module docstring for the key layout."""
-
-    def __init__(self, client: redis.Redis, prefix: str = "alpnre") -> None:
-        self.client = client
-        self.prefix = prefix
-
-    @classmethod
-    def from_url(
-        cls, url: str, prefix: str = "alpnre", timeout_s: float = 5.0
-    ) -> TrainingProgressStore:
-        """Connect lazily to the Redis at ``url``; nothing is sent before the first call."""
-        client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-        )
-        return cls(client, prefix)
 
     def _key(self, training_run_id: str) -> str:
         return f"{self.prefix}:training:{training_run_id}"
-
-    def ping(self) -> None:
-        """Raise ``redis.ConnectionError`` when the store cannot be reached."""
-        self.client.ping()
 
     def create(
         self,
@@ -237,16 +216,9 @@ class TrainingProgressStore:
 
     def list_runs(self, offset: int, limit: int) -> tuple[list[TrainingProgress], int]:
         """Return a page of training runs, newest first, and the total number of them."""
-        index_key = f"{self.prefix}:trainings"
-        ids = cast(list[str], self.client.zrevrange(index_key, offset, offset + limit - 1))
-        total = self.client.zcard(index_key)
+        ids, total = self._page_ids(f"{self.prefix}:trainings", offset, limit)
         runs = [progress for progress in self._get_many(ids) if progress is not None]
         return runs, total
-
-
-def _optional_float(fields: dict[str, str], name: str) -> float | None:
-    value = fields.get(name)
-    return float(value) if value is not None else None
 
 
 def _progress_from_fields(fields: dict[str, str], epochs: dict[str, str]) -> TrainingProgress:
@@ -273,9 +245,9 @@ def _progress_from_fields(fields: dict[str, str], epochs: dict[str, str]) -> Tra
         epochs=sorted(records, key=lambda record: record.epoch),
         attempts=int(fields.get("attempts", 0)),
         resumed_from_epoch=int(resumed) if resumed is not None else None,
-        started_at=_optional_float(fields, "started_at"),
-        updated_at=_optional_float(fields, "updated_at"),
-        finished_at=_optional_float(fields, "finished_at"),
+        started_at=optional_float(fields, "started_at"),
+        updated_at=optional_float(fields, "updated_at"),
+        finished_at=optional_float(fields, "finished_at"),
         estimator_id=fields.get("estimator_id"),
         validation=fields.get("validation"),
         error=fields.get("error"),

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common import BrokerSettings
 
 __all__ = ["TrainerSettings"]
 
 
-class TrainerSettings(BaseSettings):
+class TrainerSettings(BrokerSettings):
     """Broker, folders, time limits and retry policy of the ``training`` queue.
 
     Every field is read from ``ALPNRE_<FIELD>``, e.g. ``ALPNRE_REGISTRY`` or
@@ -18,14 +19,6 @@ class TrainerSettings(BaseSettings):
     the API that sends the trainings.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ALPNRE_", extra="ignore")
-
-    broker_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis URL of the Celery broker"
-    )
-    progress_url: str | None = Field(
-        None, description="Redis URL of the training progress store; default: broker_url"
-    )
     data_dir: Path = Field(
         Path("runs"),
         description="folder of the simulation run folders, shared with the simulation "
@@ -53,7 +46,6 @@ class TrainerSettings(BaseSettings):
         description="held-out simulations of the validation after each training (at least "
         "10); 0 skips the validation",
     )
-    key_prefix: str = Field("alpnre", description="prefix of the progress store's Redis keys")
     training_soft_time_limit_s: float = Field(
         82_800.0, gt=0, description="a training running longer is stopped and marked failed"
     )
@@ -68,8 +60,6 @@ class TrainerSettings(BaseSettings):
     training_max_retries: int = Field(
         3, ge=0, description="retries of a training after transient errors (file system, Redis)"
     )
-    retry_backoff_s: float = Field(2.0, gt=0, description="delay before the first retry")
-    retry_backoff_max_s: float = Field(60.0, gt=0, description="maximum delay between retries")
 
     @model_validator(mode="after")
     def _check_time_limits(self) -> TrainerSettings:
@@ -97,11 +87,6 @@ class TrainerSettings(BaseSettings):
                 f"{self.validation_simulations}"
             )
         return self
-
-    @property
-    def progress_redis_url(self) -> str:
-        """Redis URL of the progress store."""
-        return self.progress_url or self.broker_url
 
     def work_dir(self, training_run_id: str) -> Path:
         """Checkpoint folder of one training run."""
