@@ -51,7 +51,7 @@ def test_swapped_turbulence_scales_rejected():
     data = small_config_dict()
     data["parameters"]["kl_per_kpc"] = {"kind": "fixed", "value": 9.0}
     data["parameters"]["kh_per_kpc"] = {"kind": "fixed", "value": 0.18}
-    with pytest.raises(ConfigError, match="kl_per_kpc .* must stay below kh_per_kpc"):
+    with pytest.raises(ConfigError, match="kl_per_kpc .* must be below kh_per_kpc .* look swapped"):
         parse_config(data)
 
 

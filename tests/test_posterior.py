@@ -43,6 +43,8 @@ def quick_estimator(small_run, tmp_path_factory):
         ([float("inf")] + [0] * 39, "NaN or infinite"),
         ([[1, 2]], "1-dim list"),
         (["a"] * 40, "list of numbers"),
+        (["1"] * 40, "strings, null and booleans are not accepted"),
+        ([None] * 40, "strings, null and booleans are not accepted"),
     ],
 )
 def test_bad_observation_rejected(counts, match):

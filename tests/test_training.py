@@ -250,7 +250,7 @@ def test_tampered_estimator_rejected(small_run, tmp_path):
 
 
 def test_unknown_estimator_id(tmp_path):
-    with pytest.raises(EstimatorNotFoundError, match="not found in registry"):
+    with pytest.raises(EstimatorNotFoundError, match="not found in the registry at"):
         resolve_estimator("nope", tmp_path)
 
 

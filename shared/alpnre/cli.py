@@ -88,7 +88,7 @@ def train_and_save(
     registry: Path | None = None,
 ) -> Path:
     """Train on runs, save the estimator to ``output`` (and publish it to ``registry``)."""
-    from alpnre.registry import publish_estimator, save_estimator
+    from alpnre.registry import new_estimator_id, publish_estimator, save_estimator
     from alpnre.training import load_training_data, train_estimator
 
     data = load_training_data(list(run_dirs))
@@ -106,7 +106,12 @@ def train_and_save(
         "irf_is_approximation": data.manifests[0].irf_is_approximation,
     }
     folder = save_estimator(
-        output / "estimator", result.model, result.config, metrics=result.metrics, extra=extra
+        output / "estimator",
+        result.model,
+        result.config,
+        estimator_id=new_estimator_id(result.config.name),
+        metrics=result.metrics,
+        extra=extra,
     )
     if registry is not None:
         estimator_id = publish_estimator(
@@ -148,7 +153,10 @@ def read_observation(path: Path, row: int) -> tuple[list[float], dict[str, float
             if key not in ("counts", "npred", "sim_index", "theta_index", "bfield_seed")
         }
         return list(record["counts"]), truth
-    payload = json.loads(path.read_text())
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"observation file {path} is not valid JSON: {error}") from None
     if isinstance(payload, dict):
         if "counts" not in payload:
             raise ValueError(f"{path}: a JSON object observation needs a 'counts' list")
@@ -205,12 +213,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     output = Path(args.output)
     config = load_config(args.config)
+    # load_instrument_response warns once when it falls back to the approximate IRF.
     instrument = load_instrument_response(config)
-    if instrument.is_approximation:
-        log.warning(
-            "no IRF file found: the demo uses the built-in approximate CTA IRF; set "
-            "GAMMAPY_DATA to a folder with the CTA IRFs for real ones (see README)"
-        )
 
     # 1. Simulations from the prior.
     log.info("step 1/4: %d simulations", args.n_simulations)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alpnre.parameters import (
     PARAMETERS,
@@ -188,24 +188,25 @@ class AnalysisConfig(_Strict):
         merged.update(data.get("parameters") or {})
         return {**data, "parameters": merged, "preset_version": PRESET_VERSION}
 
-    @model_validator(mode="after")
-    def _check_parameters(self) -> AnalysisConfig:
-        unknown = sorted(set(self.parameters) - set(PARAMETERS))
+    @field_validator("parameters")
+    @classmethod
+    def _check_parameters(cls, parameters: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(parameters) - set(PARAMETERS))
         if unknown:
             raise ValueError(
                 f"unknown parameters {unknown}: allowed names are {sorted(PARAMETERS)} "
                 "(the unit is part of the name)"
             )
-        missing = sorted(set(PARAMETERS) - set(self.parameters) - {"ebl_norm"})
+        missing = sorted(set(PARAMETERS) - set(parameters) - {"ebl_norm"})
         if missing:
             raise ValueError(f"missing priors for {missing}: give each a prior, e.g. kind 'fixed'")
         for name in PARAMETERS_OF_INTEREST:
-            if self.parameters[name].is_fixed:
+            if parameters[name].is_fixed:
                 raise ValueError(f"{name} is a parameter of interest and cannot be fixed")
-        for name, prior in self.parameters.items():
+        for name, prior in parameters.items():
             _check_physical_range(name, prior)
-        _check_turbulence_scales(self.parameters)
-        return self
+        _check_turbulence_scales(parameters)
+        return parameters
 
     def prior(self, name: str) -> Any:
         """Return the prior of ``name``; ``ebl_norm`` defaults to fixed at 1."""
@@ -245,9 +246,9 @@ def _check_turbulence_scales(parameters: dict[str, Any]) -> None:
     kh_low = parameters["kh_per_kpc"].support()[0]
     if not kl_high < kh_low:
         raise ValueError(
-            f"kl_per_kpc (up to {kl_high:g}) must stay below kh_per_kpc (from {kh_low:g}): "
-            "kL is the lower wave-number cut-off (largest turbulence scale), kH the upper; "
-            "they may be swapped (gammaALPs' own defaults are)"
+            f"kl_per_kpc (largest value {kl_high:g}) must be below kh_per_kpc (smallest value "
+            f"{kh_low:g}): kL is the lower wave-number cut-off (largest turbulence scale) and "
+            "kH the upper one, so the two values look swapped (gammaALPs' own defaults are)"
         )
 
 

@@ -52,6 +52,15 @@ def check_observation(counts: Any, n_bins: int) -> np.ndarray:
     ValueError
         For a wrong length, or values that are negative, NaN, infinite or not integers.
     """
+    values = np.asarray(counts, dtype=object)
+    if values.ndim == 1 and not all(
+        isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+        for value in values
+    ):
+        raise ValueError(
+            "observation must be a list of numbers (counts per energy bin); strings, null "
+            "and booleans are not accepted"
+        )
     try:
         x = np.asarray(counts, dtype=float)
     except (TypeError, ValueError):
@@ -68,7 +77,10 @@ def check_observation(counts: Any, n_bins: int) -> np.ndarray:
         raise ValueError(f"observation has NaN or infinite counts in bins {bad[:10].tolist()}")
     negative = np.flatnonzero(x < 0)
     if negative.size:
-        raise ValueError(f"observation has negative counts in bins {negative[:10].tolist()}")
+        raise ValueError(
+            f"observation has negative counts in bins {negative[:10].tolist()}: give observed "
+            "event counts in the on region, not background-subtracted excess"
+        )
     fractional = np.flatnonzero(x != np.round(x))
     if fractional.size:
         raise ValueError(
@@ -381,6 +393,10 @@ def compute_posterior(
         prior=prior,
         seconds=time.perf_counter() - start,
         truth=truth,
+        extra={
+            "irf_id": estimator.metadata.get("irf_id"),
+            "irf_is_approximation": estimator.metadata.get("irf_is_approximation"),
+        },
     )
 
 

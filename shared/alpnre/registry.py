@@ -132,11 +132,13 @@ def plot_losses(metrics: list[dict[str, float]], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [record["epoch"] for record in metrics]
     figure, axis = plt.subplots(figsize=(5, 3.5), layout="constrained")
     axis.plot(epochs, [record["train_loss"] for record in metrics], "o-", label="training")
     axis.plot(epochs, [record["validation_loss"] for record in metrics], "s-", label="validation")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("NRE loss (BCE + BNRE penalty)")
     axis.legend()
@@ -231,6 +233,14 @@ def resolve_estimator(reference: str | Path, registry: str | Path | None = None)
     path = Path(reference)
     if (path / METADATA_NAME).exists():
         return path
+    if (path / "estimator" / METADATA_NAME).exists():
+        # The output folder of 'alpnre train' or 'alpnre demo' contains the estimator.
+        return path / "estimator"
+    if path.is_dir() and registry is None:
+        raise EstimatorNotFoundError(
+            f"{path} has no {METADATA_NAME}: give the estimator folder itself (the one with "
+            f"{METADATA_NAME} and {WEIGHTS_NAME})"
+        )
     if registry is None:
         raise EstimatorNotFoundError(
             f"estimator {str(reference)!r} not found: give an estimator folder, or an id "
@@ -251,7 +261,7 @@ def resolve_estimator(reference: str | Path, registry: str | Path | None = None)
         text = pointer.read_text().strip()
     folder = registry / "estimators" / text
     if not (folder / METADATA_NAME).exists():
-        raise EstimatorNotFoundError(f"estimator {text!r} not found in registry {registry}")
+        raise EstimatorNotFoundError(f"estimator {text!r} not found in the registry at {registry}")
     return folder
 
 

@@ -168,6 +168,7 @@ def stack_up(
             _start_redis(state, redis_port, timeout_s)
         for number in range(1, workers + 1):
             _start_worker(state, env, number, per_worker)
+        _start_training_worker(state, env)
         _start(state, env, "api", _api_command(api_port))
         for process in state.processes:
             if process.name.startswith("simulator"):
@@ -178,7 +179,8 @@ def stack_up(
         stack_down(state_path)
         raise
     log.info(
-        "stack up: API %s, %d workers x %d processes, broker %s, data %s",
+        "stack up: API %s, %d simulation worker(s) x %d process(es), 1 training worker, "
+        "broker %s, data %s",
         state.api_url,
         workers,
         per_worker,
@@ -321,6 +323,21 @@ def _start_worker(state: StackState, env: dict[str, str], number: int, concurren
         "--loglevel", "INFO",
     ]  # fmt: skip
     _start(state, env, f"simulator-{number}", command)
+
+
+def _start_training_worker(state: StackState, env: dict[str, str]) -> None:
+    # One training process: a training uses every core, so trainings run one at a time.
+    command = [
+        sys.executable, "-m", "celery",
+        "-A", "services.trainer.celery_app",
+        "worker",
+        "-Q", "training",
+        "--pool", "prefork",
+        "--concurrency", "1",
+        "--hostname", "trainer@%h",
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+    _start(state, env, "trainer", command)
 
 
 def _api_command(port: int) -> list[str]:

@@ -71,6 +71,6 @@ def get_estimator(
     if metadata is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"estimator {estimator_id!r} not found in registry {registry.location}",
+            f"estimator {estimator_id!r} not found in the registry at {registry.location}",
         )
     return EstimatorPublic.from_metadata(metadata, registry.read_validation_report(estimator_id))

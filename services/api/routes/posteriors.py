@@ -189,7 +189,7 @@ class EstimatorCache:
         folder = self.registry / "estimators" / reference
         if not (folder / "estimator.json").exists():
             raise EstimatorNotFoundError(
-                f"estimator {reference!r} not found in registry {self.registry}"
+                f"estimator {reference!r} not found in the registry at {self.registry}"
             )
         return folder
 

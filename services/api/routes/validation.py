@@ -111,7 +111,7 @@ def get_validation(
     if not registry.exists(estimator_id):
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"estimator {estimator_id!r} not found in registry {registry.location}",
+            f"estimator {estimator_id!r} not found in the registry at {registry.location}",
         )
     report = registry.read_validation_report(estimator_id)
     if report is None:

@@ -32,7 +32,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
                 state_dir=args.state_dir,
             )
             _describe(state)
-            log.info("stop it with: alpnre stack down")
+            hint = f" --state-dir {args.state_dir}" if args.state_dir else ""
+            log.info("stop it with: alpnre stack down%s", hint)
         elif args.action == "down":
             stopped = stack_down(state_dir=args.state_dir)
             log.info("stopped %d processes", len(stopped))
@@ -63,9 +64,14 @@ def add_parser(commands: Any) -> None:
         default=None,
         help="pool processes per worker (default: CPU cores)",
     )
-    parser.add_argument("--api-port", type=int, default=8000, help="port of the API on 127.0.0.1")
     parser.add_argument(
-        "--redis-port", type=int, default=6379, help="port for the stack's own redis-server"
+        "--api-port", type=int, default=8000, help="port of the API on 127.0.0.1 (default: 8000)"
+    )
+    parser.add_argument(
+        "--redis-port",
+        type=int,
+        default=6379,
+        help="port of the stack's own redis-server (default: 6379)",
     )
     parser.add_argument(
         "--broker-url",
@@ -79,7 +85,8 @@ def add_parser(commands: Any) -> None:
         "--state-dir",
         type=Path,
         default=None,
-        help="folder for pids and logs (default: $ALPNRE_STACK_DIR)",
+        help="folder for pids and logs (default: $ALPNRE_STACK_DIR, else "
+        "~/.local/state/alpnre/stack)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.set_defaults(handler=cmd_stack)
