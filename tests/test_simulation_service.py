@@ -646,7 +646,12 @@ def test_stack_up_runs_a_simulation(
     assert run["state"] == "completed"
     assert run["output"]["run_dir"].startswith(str(tmp_path / "runs"))
     assert recorded is not None
-    assert [process.name for process in recorded.processes] == ["redis", "simulator-1", "api"]
-    assert [process.name for process in stopped] == ["api", "simulator-1", "redis"]
+    assert [process.name for process in recorded.processes] == [
+        "redis",
+        "simulator-1",
+        "trainer",
+        "api",
+    ]
+    assert [process.name for process in stopped] == ["api", "trainer", "simulator-1", "redis"]
     assert not any(process.running for process in stopped)
     assert stack_status(state_dir) is None
