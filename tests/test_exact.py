@@ -218,3 +218,16 @@ def test_comparison_needs_same_observations():
     exact = ExactPosterior(grid, grid, np.zeros((2, 5, 5)), 6)
     with pytest.raises(ValueError, match="3 NRE posteriors but 2 exact ones"):
         compare_with_exact(np.full((3, 4, 4), 1 / 16), grid[:4], grid[:4], exact)
+
+
+def test_upper_limit_undefined_for_empty_row():
+    """A mass row without posterior mass gets a NaN limit, and the summary stays JSON-safe."""
+    from alpnre.exact import _mean_or_none, _upper_limits
+
+    probabilities = np.zeros((1, 2, 4))
+    probabilities[0, 0] = [0.1, 0.2, 0.3, 0.4]
+    limits = _upper_limits(probabilities, np.linspace(-13.0, -10.0, 4), 0.95)
+    assert np.isfinite(limits[0, 0])
+    assert np.isnan(limits[0, 1])
+    assert _mean_or_none(limits) == pytest.approx(limits[0, 0])
+    assert _mean_or_none(np.full(3, np.nan)) is None

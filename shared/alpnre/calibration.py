@@ -637,7 +637,7 @@ class ValidationReport:
             lines.append(
                 f"  exact posterior, {len(self.exact.jsd)} observations: mean JSD "
                 f"{self.exact.jsd.mean():.4f} nats, mean 95 % upper-limit shift "
-                f"{self.exact.upper_limit_shift.mean():+.3f} dex"
+                f"{np.nanmean(self.exact.upper_limit_shift):+.3f} dex"
             )
         if self.folder is not None:
             lines.append(f"  report and figures in {self.folder}")

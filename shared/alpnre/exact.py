@@ -788,10 +788,13 @@ def _upper_limits(probabilities: np.ndarray, grid_y: np.ndarray, level: float) -
     cumulative distribution along y, interpolated linearly between grid points.
     """
     cumulative = np.cumsum(probabilities, axis=-1)
-    cumulative = cumulative / cumulative[..., -1:]
-    limits = np.empty(cumulative.shape[:-1])
+    totals = cumulative[..., -1]
+    # A row without posterior mass (an exact posterior collapsed onto other masses)
+    # has no conditional distribution: its limit is NaN.
+    limits = np.full(cumulative.shape[:-1], np.nan)
     for index in np.ndindex(*limits.shape):
-        limits[index] = np.interp(level, cumulative[index], grid_y)
+        if totals[index] > 0:
+            limits[index] = np.interp(level, cumulative[index] / totals[index], grid_y)
     return limits
 
 
@@ -859,19 +862,22 @@ class ExactComparison:
             "effective_cells": [float(v) for v in self.effective_cells],
             "upper_limit_95_shift_dex": {
                 "description": "NRE minus exact 95 % upper limit on log10(g_per_gev)",
-                "mean": float(self.upper_limit_shift.mean()),
-                "mean_absolute": float(np.abs(self.upper_limit_shift).mean()),
+                "note": "means skip masses where a posterior has no mass (limit undefined)",
+                "mean": _mean_or_none(self.upper_limit_shift),
+                "mean_absolute": _mean_or_none(np.abs(self.upper_limit_shift)),
                 "mean_resolved": _mean_or_none(self.upper_limit_shift[resolved]),
                 "axis": self.labels[0],
                 "grid": [float(v) for v in self.grid_x],
-                "mean_per_mass": [float(v) for v in self.upper_limit_shift.mean(axis=0)],
+                "mean_per_mass": [_mean_or_none(column) for column in self.upper_limit_shift.T],
             },
             "seconds": {key: float(value) for key, value in self.seconds.items()},
         }
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:
-    return float(values.mean()) if values.size else None
+    """Mean of the finite values, or None when there are none (JSON-safe)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
 
 
 def _summary(values: np.ndarray) -> dict[str, Any]:
@@ -991,14 +997,14 @@ def plot_exact_comparison(
     shift = comparison.upper_limit_shift
     ax.fill_between(
         comparison.grid_x,
-        np.percentile(shift, 16, axis=0),
-        np.percentile(shift, 84, axis=0),
+        np.nanpercentile(shift, 16, axis=0),
+        np.nanpercentile(shift, 84, axis=0),
         color="tab:orange",
         alpha=0.3,
         linewidth=0,
         label="16-84 %",
     )
-    ax.plot(comparison.grid_x, shift.mean(axis=0), color="tab:orange", label="mean")
+    ax.plot(comparison.grid_x, np.nanmean(shift, axis=0), color="tab:orange", label="mean")
     ax.axhline(0.0, color="black", linestyle="--", linewidth=1)
     ax.set_xlabel(label_x)
     ax.set_ylabel("NRE - exact 95 % limit [dex]")
