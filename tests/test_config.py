@@ -135,7 +135,7 @@ def test_config_hash_changes_with_content():
     assert config_hash(parse_config(changed)) != first
 
 
-def test_every_parameter_has_unit_in_name_or_is_dimensionless():
+def test_parameter_names_carry_units():
     for spec in PARAMETERS.values():
         if spec.unit:
             assert "_" in spec.name, spec.name

@@ -112,9 +112,9 @@ def test_marginal_likelihood_matches_brute_force():
 
     adaptive = likelihood.log_marginal_likelihood(counts, p_gamma_gamma, quadrature_order=8)
 
-    # The 80^3 midpoint reference is itself only good to a few 0.01 nats: with the
-    # built-in approximate IRF the two differ by 0.023 in absolute log Z, while the
-    # difference between the nodes, which is what posteriors use, agrees to 0.005.
+    # The 80^3 midpoint reference is itself only good to a few 0.01 nats. With the
+    # built-in approximate IRF the two differ by 0.023 in absolute log Z. The difference
+    # between the nodes, which is what posteriors use, agrees to 0.005.
     np.testing.assert_allclose(adaptive, brute, atol=0.03)
     assert adaptive[1] - adaptive[0] == pytest.approx(brute[1] - brute[0], abs=0.005)
 

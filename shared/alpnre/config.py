@@ -112,7 +112,7 @@ class IRFConfig(_Strict):
     """Where the instrument response comes from.
 
     ``path`` names a file explicitly and never falls back. Otherwise
-    ``gammapy_data_file`` is looked up under ``$GAMMAPY_DATA``; when that is unset or
+    ``gammapy_data_file`` is looked up under ``$GAMMAPY_DATA``. When that is unset or
     the file is missing and ``allow_builtin_fallback`` is true, an approximate IRF built
     in code is used and labelled as such in logs and outputs.
     """
@@ -141,7 +141,7 @@ class EBLConfig(_Strict):
 
 
 class PropagationConfig(_Strict):
-    """How the photon survival probability is computed."""
+    """Settings of the photon survival probability computation."""
 
     backend: Literal["kernel", "gammaalps"] = Field(
         "kernel",

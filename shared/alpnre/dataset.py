@@ -94,8 +94,8 @@ def write_table_atomic(table: pa.Table, path: str | Path) -> str:
     """Write ``table`` to ``path`` atomically and return the file's SHA-256.
 
     The table is written to a hidden temporary file in the same folder, flushed to disk
-    and renamed over ``path``; a crash leaves at most a stray temporary file, never a
-    truncated ``path``.
+    and renamed over ``path``. A crash therefore leaves at most a stray temporary file,
+    never a truncated ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def file_sha256(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class BatchInfo:
-    """What a validated batch file contains."""
+    """Summary of a validated batch file: path, row count, binning and metadata."""
 
     path: Path
     n_rows: int
@@ -180,7 +180,7 @@ def validate_batch_file(
             )
     n_rows = parquet.metadata.num_rows
     if expected_rows is not None and n_rows != expected_rows:
-        raise DatasetError(f"{path}: holds {n_rows} rows, expected {expected_rows}")
+        raise DatasetError(f"{path}: contains {n_rows} rows, expected {expected_rows}")
     if config_hash is not None and metadata["config_hash"] != config_hash:
         raise DatasetError(
             f"{path}: written for config hash {metadata['config_hash'][:12]}, expected "

@@ -92,8 +92,8 @@ class TrainingConfig(BaseModel):
 class ParameterAxis(BaseModel):
     """How one simulator parameter enters the network.
 
-    ``log10`` parameters (log-uniform priors) are used as log10 of the value; the
-    network sees ``(u - center) / scale`` where u is the (log) value.
+    ``log10`` parameters (log-uniform priors) are used as log10 of the value. The
+    network input is ``(u - center) / scale``, where u is the (log) value.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

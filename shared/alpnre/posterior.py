@@ -8,9 +8,9 @@ otherwise) the posterior density is
     p(u | x_o) \\propto r(x_o | u)\\, p(u),
 
 normalised on the grid. From it come the 1-dim marginals, the 2-dim (log10 m, log10 g)
-density, highest-posterior-density (HPD) regions, the MAP, the posterior mean and the
-95 % upper limit on g as a function of m (the exclusion curve: for each mass, the
-coupling below which 95 % of the conditional posterior lies).
+density, highest-posterior-density (HPD) regions, the MAP and the posterior mean. It
+also gives the 95 % upper limit on g as a function of m, the exclusion curve. For each
+mass, that limit is the coupling below which 95 % of the conditional posterior lies.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Published estimators: immutable folders with weights, metadata and a checksum.
 
-An estimator folder holds
+An estimator folder contains
 
 - ``weights.pt``: the model's ``state_dict`` only (loaded with ``weights_only=True``, so
   loading never unpickles arbitrary objects);

@@ -1,6 +1,6 @@
 """Simulation runs: split a request into batches, run them, keep the manifest current.
 
-The embedded default runs batches in a local process pool (no broker needed); the
+The embedded default runs batches in a local process pool, so no broker is needed. The
 simulation service runs the same :func:`alpnre.simulate.run_batch` in Celery workers
 and uses :func:`start_run` and :func:`record_batches` for the manifest.
 """
@@ -57,7 +57,7 @@ def start_run(
     Raises
     ------
     ValueError
-        When the folder already holds a run with another config, size or seed.
+        When the folder already contains a run with another config, size or seed.
     """
     if n_simulations < 1:
         raise ValueError(f"n_simulations must be >= 1, got {n_simulations}")
@@ -76,7 +76,7 @@ def start_run(
         )
         if wanted != found:
             raise ValueError(
-                f"{run_dir} already holds run {manifest.run_id} with (config hash, "
+                f"{run_dir} already contains run {manifest.run_id} with (config hash, "
                 f"n_simulations, batch_size, seed) = {found[0][:12], *found[1:]}; choose another "
                 "output folder or repeat the same request to resume it"
             )

@@ -149,7 +149,7 @@ def simulate_batch(
 
     Each θ is drawn from the priors and simulated ``config.propagation.
     realisations_per_theta`` times with different B-field realisations, so the table
-    holds ``n_simulations`` rows in all. Columns are described in
+    contains ``n_simulations`` rows in all. Columns are described in
     :mod:`alpnre.dataset`; the table carries no file metadata (see :func:`run_batch`).
     """
     if n_simulations < 1:
@@ -234,7 +234,7 @@ def run_batch(
 
     Idempotent: the output path depends only on ``(run_dir, batch_index)``, and a file
     that is already there and validates (row count and config hash) is kept as it is.
-    A file that does not validate is logged and recomputed. Batch ``i`` holds the
+    A file that does not validate is logged and recomputed. Batch ``i`` contains the
     simulations ``i * batch_size`` to ``min((i + 1) * batch_size, n_simulations) - 1``.
     """
     n_rows = batch_rows(n_simulations, batch_size, batch_index)

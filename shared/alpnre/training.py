@@ -1,9 +1,9 @@
 """Training loop of the ratio estimator: streaming data, checkpoints, early stopping.
 
-The loop is deterministic given the seed: the data order of epoch e depends on
-``(seed, e)`` and the torch generator is reseeded with ``(seed, e)`` at the start of
-each epoch, so a training stopped after any epoch and resumed from its checkpoint
-reaches the same weights as an uninterrupted one.
+The loop is deterministic given the seed. The data order of epoch e depends on
+``(seed, e)``, and the torch generator is reseeded from ``(seed, e)`` at the start of
+each epoch. A training stopped after any epoch and resumed from its checkpoint
+therefore reaches the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations

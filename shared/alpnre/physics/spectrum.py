@@ -36,8 +36,8 @@ def bin_centers_tev(edges_tev: np.ndarray) -> np.ndarray:
 def integrate_over_bins(dnde_at_centers: np.ndarray, edges_tev: np.ndarray) -> np.ndarray:
     """Integrate a differential flux over energy bins, in cm^-2 s^-1.
 
-    The integrand is taken at the geometric bin centre, a midpoint rule in ln E whose
-    relative error is of order (γ - 1)^2 (Δ ln E)^2 / 24: about 1e-4 for γ ≈ 2 and the
+    The integrand is taken at the geometric bin centre. This midpoint rule in ln E has a
+    relative error of order (γ - 1)^2 (Δ ln E)^2 / 24, about 1e-4 for γ ≈ 2 and the
     100 bins per decade of the default true-energy axis. Evaluating at bin centres
     (instead of integrating analytically) keeps the survival probability, sampled at
     the same centres, and the flux on one grid.
