@@ -95,8 +95,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(port: int, registry: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start uvicorn with the API on 127.0.0.1:port and wait for /healthz."""
+def start_server(
+    port: int, registry: Path, log_path: Path, workers: int
+) -> subprocess.Popen[bytes]:
+    """Start uvicorn (``workers`` processes) on 127.0.0.1:port and wait for /healthz."""
     env = {
         **os.environ,
         "ALPNRE_REGISTRY": str(registry),
@@ -107,7 +109,7 @@ def start_server(port: int, registry: Path, log_path: Path) -> subprocess.Popen[
     command = [
         sys.executable, "-m", "uvicorn", "services.api.app:app",
         "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning", "--no-access-log",
+        "--log-level", "warning", "--no-access-log", "--workers", str(workers),
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -174,6 +176,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sequential", type=int, default=200, help="requests of phase 1")
     parser.add_argument("--concurrent", type=int, default=400, help="requests of phase 2")
     parser.add_argument("--warmup", type=int, default=10, help="untimed requests first")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="also print a results table")
     return parser.parse_args()
@@ -185,7 +188,7 @@ def main() -> int:
         registry = Path(folder) / "registry"
         estimator_id = publish_random_estimator(registry, args.config, args.seed)
         port = free_port()
-        server = start_server(port, registry, Path(folder) / "uvicorn.log")
+        server = start_server(port, registry, Path(folder) / "uvicorn.log", args.workers)
         try:
             url = f"http://127.0.0.1:{port}/v1/posteriors"
             bins = load_config(args.config).observation.n_energy_bins

@@ -285,6 +285,23 @@ def test_api_expected_limits_figure(client, registry):
     assert svg.headers["content-type"].startswith("image/svg+xml")
 
 
+def test_api_expected_limits_job_seen_by_another_process(client, registry):
+    """uvicorn --workers: another process follows the job to its end and draws its figure."""
+    created = client.post(
+        "/v1/expected-limits",
+        json={"estimator_id": registry[1], "n_mocks": 2, "grid_size": 20, "backend": "local"},
+    ).json()
+
+    with TestClient(create_app(client.app.state.settings.model_copy())) as other:
+        job = _wait_for_job(other, created["id"])
+        png = other.get(f"/v1/expected-limits/{created['id']}/figure.png")
+
+    assert job["state"] == "completed", job["error"]
+    assert job["result"]["n_mocks"] == 2
+    assert png.status_code == 200
+    assert png.content.startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize(
     ("body", "status", "match"),
     [

@@ -88,6 +88,37 @@ def test_upper_limit_inside_grid(quick_estimator):
     assert np.all(limits <= joint.grid_y[-1])
 
 
+def test_upper_limit_curve_matches_row_by_row_interpolation():
+    """The vectorised limit equals np.interp of each row's conditional CDF."""
+    from alpnre.posterior import Marginal2D
+
+    rng = np.random.default_rng(11)
+    grid_x, grid_y = np.linspace(-1, 2, 30), np.linspace(-13, -10, 50)
+    density = rng.gamma(0.5, size=(30, 50))
+    density[3] = 0.0  # a mass without posterior mass gives NaN
+    density[4, 0] = 1e3  # the level is reached in the first cell
+    joint = Marginal2D(("m", "g"), ("m", "g"), grid_x, grid_y, density, (0.95,))
+
+    limits = joint.upper_limit_curve(0.95)
+
+    assert np.isnan(limits[3])
+    assert limits[4] == grid_y[0]
+    for row in np.flatnonzero(np.arange(30) != 3):
+        cdf = np.cumsum(density[row]) / density[row].sum()
+        assert limits[row] == pytest.approx(np.interp(0.95, cdf, grid_y), abs=1e-12)
+
+
+def test_compact_dict_has_the_plain_values(quick_estimator):
+    estimator, data = quick_estimator
+    x, _ = read_spectra(data.files[:1], ["m_neV"])
+    joint = compute_posterior(estimator, x[1], grid_size=30).two_dim["m_neV__g_per_gev"]
+    plain, compact = joint.to_dict(), joint.to_dict(compact=True)
+    np.testing.assert_allclose(compact["density"], plain["density"], rtol=1e-7)
+    for level, mask in plain["hpd_masks"].items():
+        np.testing.assert_array_equal(compact["hpd_masks"][level], mask)
+        assert set(np.unique(mask)) <= {0, 1}
+
+
 def test_posterior_figure_written(quick_estimator, tmp_path):
     estimator, data = quick_estimator
     x, theta = read_spectra(data.files[:1], ["m_neV", "g_per_gev"])

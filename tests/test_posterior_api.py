@@ -295,6 +295,27 @@ def test_stored_posterior_returned_again(client, estimator_id, simulated):
     assert again["figure_png"] == posterior["figure_png"]
 
 
+def test_posterior_served_by_another_process(client, registry, data_dir, estimator_id, simulated):
+    """uvicorn --workers: a posterior made by one process is found by another."""
+    created = _post(client, estimator_id, [{"counts": _counts(simulated[0])}], grid_size=20)
+    posterior = created.json()["posteriors"][0]
+    settings = ApiSettings(
+        broker_url=UNREACHABLE_BROKER,
+        data_dir=data_dir,
+        registry=str(registry[0]),
+        inference_device="cpu",
+    )
+
+    with TestClient(create_app(settings)) as other:
+        again = other.get(f"/v1/posteriors/{posterior['id']}")
+        png = other.get(posterior["figure_png"])
+
+    assert again.status_code == 200, again.text
+    assert again.json()["marginals_2d"] == posterior["marginals_2d"]
+    assert png.status_code == 200
+    assert png.content.startswith(b"\x89PNG")
+
+
 def test_validation_report_summarised(client, registry, estimator_id, simulated):
     report_dir = registry[0] / "estimators" / estimator_id / "validation"
     report_dir.mkdir()
@@ -632,6 +653,30 @@ def test_2d_head_alone_matches_full_forward(registry, estimator_id):
         full = estimator.model.log_ratios(features, theta)["2d"]
 
     torch.testing.assert_close(alone, full)
+
+
+def test_shared_features_path_matches_module_forward(registry, estimator_id):
+    """The grid path (one feature row, fused matrix products) gives the module's values."""
+    from alpnre.posterior import _log_ratios_2d, _shared_features_log_ratios
+
+    estimator = load_estimator(registry[0] / "estimators" / estimator_id)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.poisson(torch.full((1, N_BINS), 20.0), generator=generator)
+    theta = torch.rand((500, len(estimator.spec.axes)), generator=generator) * 2 - 1
+
+    with torch.no_grad():
+        # swyft starts the residual blocks' last layers near zero; move every weight
+        # away from its initial value so that each layer changes the output.
+        for parameter in estimator.model.head_2d.parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+        features = estimator.model.embedding(x)
+        pairs = torch.cat([theta[:, [a, b]] for a, b in estimator.model.pairs_2d], dim=1)
+        assert _shared_features_log_ratios(estimator.model.head_2d, features, pairs) is not None
+        grid = _log_ratios_2d(estimator.model, features, theta)
+        full = estimator.model.log_ratios(features.expand(len(theta), -1), theta)["2d"]
+
+    assert grid.shape == (500, len(estimator.model.pairs_2d))
+    torch.testing.assert_close(grid, full, rtol=1e-5, atol=1e-5)
 
 
 STRONG_SIGNAL = {"m_neV": 30.0, "g_per_gev": 8e-11}

@@ -56,7 +56,12 @@ class ApiSettings(BaseSettings):
     )
     estimator_cache_size: int = Field(4, ge=1, description="estimators kept loaded (LRU)")
     posterior_store_size: int = Field(
-        256, ge=1, description="posteriors kept for the figure endpoints (LRU, in memory)"
+        256, ge=1, description="posteriors kept for the GET and figure endpoints"
+    )
+    state_dir: Path | None = Field(
+        None,
+        description="folder of stored posteriors and expected-limits jobs, shared by all API "
+        "processes (uvicorn --workers) and kept over restarts; default <data_dir>/.api-state",
     )
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="larger request bodies are rejected with 413"
@@ -76,8 +81,13 @@ class ApiSettings(BaseSettings):
         3600.0, gt=0, description="maximum wait for the simulation workers of one request"
     )
     expected_limits_store_size: int = Field(
-        64, ge=1, description="expected-limits jobs kept in memory (LRU)"
+        64, ge=1, description="expected-limits jobs kept (the latest ones)"
     )
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        """``state_dir``, or ``<data_dir>/.api-state`` when unset."""
+        return self.state_dir if self.state_dir is not None else self.data_dir / ".api-state"
 
     def simulator_settings(self) -> SimulatorSettings:
         """Settings for the Celery client that sends batches, sharing broker and queue."""

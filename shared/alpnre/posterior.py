@@ -116,12 +116,64 @@ def _log_ratios_2d(model: Any, features: torch.Tensor, theta: torch.Tensor) -> t
     """2-dim log-ratios of shape (B, n_2d), without evaluating the 1-dim heads.
 
     Same values as ``model.log_ratios(features, theta)["2d"]``. On the grid_size^2 grid
-    the 1-dim heads would do two thirds of the work for nothing.
+    the 1-dim heads would do two thirds of the work for nothing. ``features`` may have
+    one row, shared by every θ, or one row per θ.
     """
-    columns = [theta[:, [a, b]] for a, b in model.pairs_2d]
-    out = model.head_2d(features, torch.cat(columns, dim=1))
+    columns = torch.cat([theta[:, [a, b]] for a, b in model.pairs_2d], dim=1)
+    fast = _shared_features_log_ratios(model.head_2d, features, columns)
+    if fast is not None:
+        return fast
+    out = model.head_2d(features.expand(len(theta), -1), columns)
     # swyft's LogRatioEstimator_Ndim returns LogRatioSamples, other heads a tensor.
     return getattr(out, "logratios", out)
+
+
+def _shared_features_log_ratios(
+    head: Any, features: torch.Tensor, theta_pairs: torch.Tensor
+) -> torch.Tensor | None:
+    """Evaluate a :class:`PairRatioHead` for one feature vector and many θ pairs.
+
+    The head's first layer acts on [features, θ pair]; for a posterior grid the
+    feature part is the same in every row, so it is computed once and the rest of the
+    network runs as plain matrix products with fused bias. Returns None when the head
+    is not a ReLU residual network without batch norm or spectral embedding (then the
+    caller runs the module itself). On a 100 x 100 grid with the default sizes this
+    took 4.4 ms against 7.4 ms for the module's forward on a 2-core x86 CPU, with
+    the same values to float32 rounding (tests/test_posterior.py).
+    """
+    from swyft.networks.channelized import ResidualNetWithChannel
+
+    from alpnre.nre import PairRatioHead
+
+    if not isinstance(head, PairRatioHead) or head.training or features.shape[0] != 1:
+        return None
+    classifier = head.classifier
+    net = getattr(classifier, "net", None)
+    if getattr(classifier, "Lmax", 0) != 0 or not isinstance(net, ResidualNetWithChannel):
+        return None
+    if any(
+        block.use_batch_norm or block.activation is not torch.nn.functional.relu
+        for block in net.blocks
+    ):
+        return None
+    n_features = features.shape[1]
+    pairs = theta_pairs.reshape(len(theta_pairs), head.n_pairs, 2)
+    outputs = []
+    for channel in range(head.n_pairs):
+        weights = net.initial_layer.weights[channel]
+        shared = net.initial_layer.bias[channel] + features[0] @ weights[:, :n_features].T
+        hidden = torch.addmm(shared, pairs[:, channel], weights[:, n_features:].T)
+        for block in net.blocks:
+            first, second = block.linear_layers
+            inner = torch.addmm(first.bias[channel], torch.relu(hidden), first.weights[channel].T)
+            inner.relu_()
+            # Dropout is the identity in evaluation mode; the block adds its input back.
+            hidden = torch.addmm(hidden, inner, second.weights[channel].T).add_(
+                second.bias[channel]
+            )
+        final = net.final_layer
+        outputs.append(torch.addmm(final.bias[channel], hidden, final.weights[channel].T))
+    return torch.cat(outputs, dim=1)
 
 
 def _axis_grid(axis: ParameterAxis, size: int) -> np.ndarray:
@@ -211,45 +263,69 @@ class Marginal2D:
         i, j = np.unravel_index(int(np.argmax(self.density)), self.density.shape)
         return float(self.grid_x[i]), float(self.grid_y[j])
 
+    _thresholds: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
+
+    def threshold(self, level: float) -> float:
+        """Density threshold of the ``level`` HPD region (computed once per level)."""
+        if level not in self._thresholds:
+            self._thresholds[level] = hpd_threshold(self.density, level)
+        return self._thresholds[level]
+
     def upper_limit_curve(self, level: float = 0.95) -> np.ndarray:
         """Upper limit on the second parameter for each value of the first, shape (n_x,).
 
         For each grid_x value the conditional posterior over grid_y is integrated from
         below; the limit is where it reaches ``level`` (linear interpolation between
-        grid points).
+        grid points). Rows without posterior mass give NaN.
         """
-        limits = np.empty(len(self.grid_x))
-        for i, row in enumerate(self.density):
-            cumulative = np.cumsum(row)
-            if cumulative[-1] <= 0:
-                limits[i] = np.nan
-                continue
-            cumulative = cumulative / cumulative[-1]
-            limits[i] = float(np.interp(level, cumulative, self.grid_y))
+        cumulative = np.cumsum(self.density, axis=1)
+        total = cumulative[:, -1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cumulative = cumulative / total
+        limits = np.full(len(self.grid_x), np.nan)
+        rows = np.flatnonzero(total[:, 0] > 0)
+        if rows.size == 0:
+            return limits
+        cumulative = cumulative[rows]
+        # First grid point where the conditional CDF reaches the level; the CDF ends at 1.
+        upper = np.argmax(cumulative >= level, axis=1)
+        lower = np.maximum(upper - 1, 0)
+        below = np.take_along_axis(cumulative, lower[:, None], axis=1)[:, 0]
+        above = np.take_along_axis(cumulative, upper[:, None], axis=1)[:, 0]
+        step = np.where(above > below, above - below, 1.0)
+        fraction = np.where(upper > 0, (level - below) / step, 0.0)
+        grid = self.grid_y
+        limits[rows] = grid[lower] + np.clip(fraction, 0.0, 1.0) * (grid[upper] - grid[lower])
         return limits
 
     def contours(self, level: float) -> list[list[list[float]]]:
         """Polylines of the HPD region's boundary at ``level``, in axis coordinates."""
         import contourpy
 
-        threshold = hpd_threshold(self.density, level)
         generator = contourpy.contour_generator(self.grid_y, self.grid_x, self.density)
-        lines: list[np.ndarray] = generator.lines(threshold)  # type: ignore[assignment]
+        lines: list[np.ndarray] = generator.lines(self.threshold(level))  # type: ignore[assignment]
         # contourpy returns (x=grid_y, y=grid_x) points; swap to (grid_x, grid_y).
-        return [[[float(p[1]), float(p[0])] for p in line] for line in lines]
+        return [line[:, ::-1].tolist() for line in lines]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, compact: bool = False) -> dict[str, Any]:
+        """JSON-ready summary.
+
+        With ``compact`` the density is a float32 array and the HPD masks are uint8
+        arrays, for orjson's numpy output: about half the bytes of the default plain
+        lists, at a relative precision of 6e-8 that no estimator comes close to.
+        """
+        masks = {
+            f"{level:g}": (self.density >= self.threshold(level)).astype(np.uint8)
+            for level in self.levels
+        }
         return {
             "names": list(self.names),
             "axes": list(self.labels),
             "grid_x": self.grid_x.tolist(),
             "grid_y": self.grid_y.tolist(),
-            "density": self.density.tolist(),
+            "density": self.density.astype(np.float32) if compact else self.density.tolist(),
             "map": list(self.map),
-            "hpd_masks": {
-                f"{level:g}": hpd_mask(self.density, level).astype(int).tolist()
-                for level in self.levels
-            },
+            "hpd_masks": masks if compact else {key: m.tolist() for key, m in masks.items()},
             "hpd_contours": {f"{level:g}": self.contours(level) for level in self.levels},
             "upper_limit_95": {
                 "axis": self.labels[0],
@@ -279,14 +355,15 @@ class Posterior:
     truth: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, compact: bool = False) -> dict[str, Any]:
+        """JSON-ready summary; ``compact`` as in :meth:`Marginal2D.to_dict`."""
         return {
             "estimator_id": self.estimator_id,
             "estimator_checksum": self.checksum,
             "levels": list(self.levels),
             "prior": self.prior,
             "marginals_1d": {name: m.to_dict() for name, m in self.one_dim.items()},
-            "marginals_2d": {name: m.to_dict() for name, m in self.two_dim.items()},
+            "marginals_2d": {name: m.to_dict(compact=compact) for name, m in self.two_dim.items()},
             "truth": self.truth,
             "timing_s": self.seconds,
             **self.extra,
@@ -364,11 +441,7 @@ def compute_posterior(
         theta2 = np.zeros((grid_size * grid_size, n_params), dtype=np.float32)
         theta2[:, spec.parameter_names.index(name_x)] = axis_x.standardise(mesh_x.ravel())
         theta2[:, spec.parameter_names.index(name_y)] = axis_y.standardise(mesh_y.ravel())
-        out = _log_ratios_2d(
-            model,
-            features.expand(grid_size * grid_size, -1),
-            torch.as_tensor(theta2, device=device),
-        )
+        out = _log_ratios_2d(model, features, torch.as_tensor(theta2, device=device))
         log_ratio = out[:, k].double().cpu().numpy().reshape(grid_size, grid_size)
         log_prior = (
             _log_prior_on_axis(estimator, axis_x, grid_x)[:, None]

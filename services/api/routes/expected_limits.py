@@ -10,8 +10,9 @@ and returns the median and the 68 % and 95 % bands. Where the mocks are simulate
   ``/v1/simulations``. This needs the broker; without it the request gets 503.
 
 ``auto`` picks ``local`` up to ``ALPNRE_LOCAL_EXPECTED_LIMIT_MOCKS`` mocks. In both cases
-the posteriors are computed in the API process. Jobs run after the 202 response and are
-kept in memory (LRU); poll ``GET /v1/expected-limits/{id}`` until ``state`` is
+the posteriors are computed in the API process. Jobs run after the 202 response in the
+process that accepted them, which writes each change to the state folder that every API
+process reads (``ALPNRE_STATE_DIR``); poll ``GET /v1/expected-limits/{id}`` until ``state`` is
 ``completed`` or ``failed``.
 """
 
@@ -19,10 +20,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -65,6 +64,7 @@ from services.api.routes.posteriors import (
 from services.api.schemas import ErrorDetail
 from services.api.schemas_posteriors import ExpectedLimitsCreate, ExpectedLimitsPublic, JobState
 from services.api.settings import ApiSettings
+from services.api.state_store import SharedStore
 from services.simulator.client import SimulationQueue
 from services.simulator.progress import RunState
 
@@ -97,6 +97,18 @@ class LimitsJob:
     error: str | None = None
     result: ExpectedLimits | None = None
     figures: dict[str, bytes] = field(default_factory=dict)
+    # Writes the job to the shared store; set by LimitsJobStore.add, not pickled.
+    persist: Callable[[LimitsJob], None] | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "persist": None, "figures": {}}
+
+    def update(self, **changes: Any) -> None:
+        """Set fields and write the job, so that other API processes see the change."""
+        for name, value in changes.items():
+            setattr(self, name, value)
+        if self.persist is not None:
+            self.persist(self)
 
     def to_dict(self, base_path: str) -> dict[str, Any]:
         """Build the JSON body of the job (schema: ``ExpectedLimitsPublic``)."""
@@ -121,22 +133,22 @@ class LimitsJob:
 
 
 class LimitsJobStore:
-    """Jobs by id, least recently created dropped first once ``size`` is exceeded."""
+    """Jobs by id, in memory and in the state folder that all API processes read.
 
-    def __init__(self, size: int) -> None:
+    The process that runs a job holds it in memory and writes it on every change; the
+    other processes read the latest written state.
+    """
+
+    def __init__(self, size: int, folder: Path | None = None) -> None:
         self.size = size
-        self._jobs: OrderedDict[str, LimitsJob] = OrderedDict()
-        self._lock = threading.Lock()
+        self._store: SharedStore[LimitsJob] = SharedStore(folder, size)
 
     def add(self, job: LimitsJob) -> None:
-        with self._lock:
-            self._jobs[job.id] = job
-            while len(self._jobs) > self.size:
-                self._jobs.popitem(last=False)
+        job.persist = lambda changed: self._store.write(changed.id, changed)
+        self._store.put(job.id, job)
 
     def get(self, job_id: str) -> LimitsJob | None:
-        with self._lock:
-            return self._jobs.get(job_id)
+        return self._store.get(job_id, cache=False)
 
 
 def _job_store(request: Request) -> LimitsJobStore:
@@ -144,7 +156,12 @@ def _job_store(request: Request) -> LimitsJobStore:
     settings = cast(ApiSettings, request.app.state.settings)
     return cast(
         LimitsJobStore,
-        state.extras.setdefault("limits_jobs", LimitsJobStore(settings.expected_limits_store_size)),
+        state.extras.setdefault(
+            "limits_jobs",
+            LimitsJobStore(
+                settings.expected_limits_store_size, settings.resolved_state_dir / "limits-jobs"
+            ),
+        ),
     )
 
 
@@ -155,9 +172,9 @@ def _run_local(
     job: LimitsJob, config: AnalysisConfig, estimator: LoadedEstimator
 ) -> ExpectedLimits:
     with tempfile.TemporaryDirectory(prefix=f"alpnre-{job.id}-") as run_dir:
-        job.state = JobState.SIMULATING
+        job.update(state=JobState.SIMULATING)
         simulate_null_run(config, run_dir, n_mocks=job.n_mocks, seed=job.seed, workers=1)
-        job.state = JobState.COMPUTING
+        job.update(state=JobState.COMPUTING)
         return expected_limits_from_run(
             estimator,
             run_dir,
@@ -207,9 +224,9 @@ def _run_on_workers(
     timeout_s: float,
 ) -> ExpectedLimits:
     assert job.simulation_run_id is not None
-    job.state = JobState.SIMULATING
+    job.update(state=JobState.SIMULATING)
     _wait_for_run(queue, job.simulation_run_id, timeout_s)
-    job.state = JobState.COMPUTING
+    job.update(state=JobState.COMPUTING)
     return expected_limits_from_run(
         estimator,
         run_dir,
@@ -223,13 +240,16 @@ def _run_on_workers(
 def _run_job(job: LimitsJob, compute: Callable[[], ExpectedLimits]) -> None:
     start = time.perf_counter()
     try:
-        job.result = compute()
+        result = compute()
     except Exception as error:  # a background job has no caller to raise to
         log.exception("expected limits %s failed", job.id)
-        job.error = f"{type(error).__name__}: {error}"
-        job.state = JobState.FAILED
+        job.update(
+            error=f"{type(error).__name__}: {error}",
+            state=JobState.FAILED,
+            finished_at=time.time(),
+        )
     else:
-        job.state = JobState.COMPLETED
+        job.update(result=result, state=JobState.COMPLETED, finished_at=time.time())
         log.info(
             "expected limits %s: %d mocks, estimator %s, %.1f s",
             job.id,
@@ -237,7 +257,6 @@ def _run_job(job: LimitsJob, compute: Callable[[], ExpectedLimits]) -> None:
             job.estimator_id,
             time.perf_counter() - start,
         )
-    job.finished_at = time.time()
 
 
 def _enqueue_null_run(
@@ -397,8 +416,8 @@ def _get_job(request: Request, job_id: str) -> LimitsJob:
     if job is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"expected-limits job {job_id!r} not found; jobs are kept in memory for the latest "
-            "ALPNRE_EXPECTED_LIMITS_STORE_SIZE requests",
+            f"expected-limits job {job_id!r} not found; the latest "
+            "ALPNRE_EXPECTED_LIMITS_STORE_SIZE jobs are kept",
         )
     return job
 

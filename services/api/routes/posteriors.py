@@ -4,11 +4,9 @@ A request names an estimator of the registry and one or more observations: count
 JSON body, uploaded OGIP PHA or gammapy ``SpectrumDatasetOnOff`` files (multipart), or
 rows of simulation runs. The response has one posterior per observation, each computed on
 its own, in request order.
-Estimators stay loaded in an LRU cache, and posteriors are kept in an in-memory LRU store
-so that their corner plots can be fetched later.
-
-NOTE: the caches live in the API process. With several server processes, a figure request
-only finds posteriors computed by the process that serves it.
+Estimators stay loaded in an LRU cache of each API process. Posteriors are kept in the
+state folder (``ALPNRE_STATE_DIR``) that every API process reads, so that their corner
+plots can be fetched later from any of them.
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ from services.api.schemas_posteriors import (
     RunRowObservation,
 )
 from services.api.settings import ApiSettings
+from services.api.state_store import SharedStore
 from services.simulator.progress import RUN_ID_PATTERN
 
 __all__ = [
@@ -232,28 +231,20 @@ class StoredPosterior:
 
 
 class PosteriorStore:
-    """Posteriors by id, least recently used dropped first."""
+    """Posteriors by id, in memory (LRU) and in the state folder that all API processes read."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, folder: Path | None = None) -> None:
         self.size = size
-        self._items: OrderedDict[str, StoredPosterior] = OrderedDict()
-        self._lock = threading.Lock()
+        self._store: SharedStore[StoredPosterior] = SharedStore(folder, size)
 
     def add(self, item: StoredPosterior) -> str:
         """Store a posterior and return its new id."""
         posterior_id = f"post-{uuid.uuid4().hex[:16]}"
-        with self._lock:
-            self._items[posterior_id] = item
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        self._store.put(posterior_id, item)
         return posterior_id
 
     def get(self, posterior_id: str) -> StoredPosterior | None:
-        with self._lock:
-            item = self._items.get(posterior_id)
-            if item is not None:
-                self._items.move_to_end(posterior_id)
-            return item
+        return self._store.get(posterior_id)
 
 
 @dataclass
@@ -283,7 +274,9 @@ def get_inference_state(request: Request) -> InferenceState:
                 estimators=EstimatorCache(
                     _local_registry(settings.registry), settings.estimator_cache_size, device
                 ),
-                posteriors=PosteriorStore(settings.posterior_store_size),
+                posteriors=PosteriorStore(
+                    settings.posterior_store_size, settings.resolved_state_dir / "posteriors"
+                ),
             )
             request.app.state.inference = state
             log.info("posterior queries: registry %s, device %s", settings.registry, device)
@@ -587,7 +580,7 @@ def _prior_density(marginal: Marginal1D) -> list[float]:
 
 def posterior_payload(posterior_id: str, item: StoredPosterior, base_path: str) -> dict[str, Any]:
     """Build the JSON body of one posterior (schema: ``PosteriorPublic``)."""
-    payload = item.posterior.to_dict()
+    payload = item.posterior.to_dict(compact=True)
     for name, marginal in item.posterior.one_dim.items():
         entry = payload["marginals_1d"][name]
         entry["log_ratio_nonfinite"] = _nonfinite(marginal.log_ratio)
@@ -606,7 +599,7 @@ def _compute_all(
     estimator: LoadedEstimator,
     observations: list[Observation],
     options: PosteriorOptions,
-    store: PosteriorStore,
+    state: InferenceState,
     base_path: str,
 ) -> list[dict[str, Any]]:
     validation = read_validation_summary(estimator.path)
@@ -624,7 +617,7 @@ def _compute_all(
         except ValueError as error:
             raise ValueError(f"{observation.name}: {error}") from None
         item = StoredPosterior(posterior, observation, validation)
-        posterior_id = store.add(item)
+        posterior_id = state.posteriors.add(item)
         payload = posterior_payload(posterior_id, item, base_path)
         if options.include_figures:
             figure = _posterior_figure(item, "png")
@@ -704,7 +697,7 @@ async def create_posteriors(request: Request) -> OrjsonResponse:
     base_path = request.url.path.rstrip("/")
     try:
         answers = await run_in_threadpool(
-            _compute_all, estimator, observations, parsed.options, state.posteriors, base_path
+            _compute_all, estimator, observations, parsed.options, state, base_path
         )
     except ValueError as error:
         raise validation_error(("observations",), str(error)) from None
@@ -733,8 +726,8 @@ def _stored(request: Request, posterior_id: str) -> StoredPosterior:
     if item is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"posterior {posterior_id!r} not found; posteriors are kept in memory for the "
-            "latest ALPNRE_POSTERIOR_STORE_SIZE requests, compute it again",
+            f"posterior {posterior_id!r} not found; the latest ALPNRE_POSTERIOR_STORE_SIZE "
+            "posteriors are kept, compute it again",
         )
     return item
 
