@@ -203,12 +203,32 @@ def test_published_limits_name_their_sources():
     for entry in entries:
         assert entry["reference"]
         assert entry["arxiv"]
-        assert entry["taken_from"].startswith("abstract")
-        assert entry["approximation"].startswith("approximate")
-        assert entry["shape"] in ("lower_edge", "point")
-        for point in entry["points"]:
-            assert 1e-3 < point["m_neV"] < 1e4
-            assert 1e-14 < point["g_per_gev"] < 1e-8
+        assert entry["taken_from"].startswith("AxionLimits")
+        assert entry["approximation"].startswith("digitised from a figure")
+        assert entry["shape"] == "polygons"
+        for polygon in entry["polygons"]:
+            assert len(polygon) >= 3
+            for m_nev, g_per_gev in polygon:
+                assert 1e-3 < m_nev < 1e4
+                assert 1e-14 < g_per_gev < 1e-8
+
+
+@pytest.mark.parametrize(
+    ("name", "m_range_nev", "g_min_per_gev"),
+    [
+        # The abstracts: Fermi-LAT excludes g > 5e-12 GeV^-1 for 0.5 <~ m <~ 5 neV, and
+        # MAGIC reaches 3e-12 GeV^-1 for masses around 50 neV.
+        ("Fermi-LAT NGC 1275", (0.3, 35.0), 4.5e-12),
+        ("MAGIC Perseus", (40.0, 460.0), 3.0e-12),
+    ],
+)
+def test_published_regions_agree_with_abstracts(name, m_range_nev, g_min_per_gev):
+    entry = next(entry for entry in load_published_limits() if entry["name"] == name)
+    points = np.concatenate([np.asarray(polygon) for polygon in entry["polygons"]])
+
+    assert m_range_nev[0] < points[:, 0].min()
+    assert points[:, 0].max() < m_range_nev[1]
+    assert g_min_per_gev < points[:, 1].min() < 1.6 * g_min_per_gev
 
 
 def test_figure_overlays_published_limits(limits, tmp_path):

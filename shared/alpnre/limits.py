@@ -348,10 +348,9 @@ def plot_expected_limits(
 ) -> Any:
     """Plot the expected limit with its 68 % and 95 % bands over published limits.
 
-    Axes are m in neV and g in GeV^-1, both logarithmic. Published limits with shape
-    ``lower_edge`` are drawn as hatched regions excluded above that edge, and those
-    with shape ``point`` as markers. Returns the matplotlib figure and saves it when
-    ``path`` is given.
+    Axes are m in neV and g in GeV^-1, both logarithmic. Published limits are drawn
+    as their excluded regions (hatched polygons). Returns the matplotlib figure and
+    saves it when ``path`` is given.
     """
     import matplotlib
 
@@ -370,6 +369,13 @@ def plot_expected_limits(
     axis.set_xlim(mass[0], mass[-1])
     g_top = float(np.nanmax(high_95)) * 3.0
     bottom = float(np.nanmin(low_95)) / 3.0
+    # Lower the plot to show the published regions inside the mass range as well.
+    for entry in published or []:
+        for polygon in entry.get("polygons", []):
+            points = np.asarray(polygon, dtype=float)
+            inside = (points[:, 0] >= mass[0]) & (points[:, 0] <= mass[-1])
+            if inside.any():
+                bottom = min(bottom, float(points[inside, 1].min()) / 1.5)
     for index, entry in enumerate(published or []):
         _draw_published(axis, entry, f"C{index + 3}", g_top)
     axis.set_ylim(bottom, g_top)
@@ -380,29 +386,30 @@ def plot_expected_limits(
         f"estimator {result.estimator_id}",
         fontsize=9,
     )
-    axis.legend(loc="lower right", fontsize=7)
+    axis.legend(loc="best", fontsize=7)
     if path is not None:
         figure.savefig(path, dpi=130)
     return figure
 
 
 def _draw_published(axis: Any, entry: dict[str, Any], color: str, g_top: float) -> None:
-    points = entry["points"]
-    mass = [point["m_neV"] for point in points]
-    coupling = [point["g_per_gev"] for point in points]
+    if entry["shape"] != "polygons":
+        raise ValueError(
+            f"published limit {entry['name']!r} has unknown shape {entry['shape']!r}; "
+            "expected 'polygons'"
+        )
     label = f"{entry['name']} ({entry['label_note']})"
-    if entry["shape"] == "lower_edge":
-        axis.fill_between(
+    for index, polygon in enumerate(entry["polygons"]):
+        mass, coupling = np.asarray(polygon, dtype=float).T
+        axis.fill(
             mass,
-            coupling,
-            g_top,
-            facecolor="none",
+            # Regions reaching above the plot are clipped at its top edge.
+            np.minimum(coupling, g_top),
+            facecolor=color,
+            alpha=0.25,
             edgecolor=color,
             hatch="//",
-            lw=1.2,
-            label=label,
+            # No outline: the polygons of one region share edges that are not boundaries.
+            lw=0.0,
+            label=label if index == 0 else None,
         )
-    elif entry["shape"] == "point":
-        axis.plot(mass, coupling, marker="v", ms=9, ls="none", color=color, label=label)
-    else:
-        raise ValueError(f"published limit {entry['name']!r} has unknown shape {entry['shape']!r}")
