@@ -261,3 +261,23 @@ def test_incomplete_manifest_keeps_finished_batches(small_run, tmp_path):
     manifest.batches = manifest.batches[:3]
     write_manifest(copy, manifest)
     assert len(load_training_data([copy]).files) == 3
+
+
+def test_learning_rate_decays_after_stalled_epochs():
+    from alpnre.training import scheduled_learning_rate
+
+    training = TrainingConfig(learning_rate=1e-3, lr_decay_factor=0.5, lr_decay_patience=2)
+    # Improves, stalls twice (decay), stalls once, improves, stalls twice (decay).
+    losses = [3.0, 2.0, 2.5, 2.1, 2.2, 1.9, 2.0, 1.95]
+
+    assert scheduled_learning_rate([], training) == 1e-3
+    assert scheduled_learning_rate(losses[:3], training) == 1e-3
+    assert scheduled_learning_rate(losses[:4], training) == 5e-4
+    assert scheduled_learning_rate(losses[:6], training) == 5e-4
+    assert scheduled_learning_rate(losses, training) == 2.5e-4
+
+
+def test_learning_rate_constant_by_default():
+    from alpnre.training import scheduled_learning_rate
+
+    assert scheduled_learning_rate([3.0, 3.1, 3.2, 3.3, 3.4], TrainingConfig()) == 1e-3

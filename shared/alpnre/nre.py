@@ -83,6 +83,16 @@ class TrainingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
     weight_decay: float = Field(0.0, ge=0.0)
+    lr_decay_factor: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="learning rate multiplier applied after lr_decay_patience epochs without "
+        "a lower validation loss; 1 keeps the learning rate constant",
+    )
+    lr_decay_patience: int = Field(
+        2, ge=1, description="epochs without a lower validation loss before a decay"
+    )
     nuisance_marginals: list[str] = Field(
         default_factory=list,
         description="nuisance parameters that get their own 1-dim estimator, e.g. b0_microgauss",

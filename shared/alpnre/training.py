@@ -34,7 +34,13 @@ from alpnre.nre import (
 )
 from alpnre.streaming import ParquetSpectra
 
-__all__ = ["TrainingData", "TrainingResult", "load_training_data", "train_estimator"]
+__all__ = [
+    "TrainingData",
+    "TrainingResult",
+    "load_training_data",
+    "scheduled_learning_rate",
+    "train_estimator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +184,26 @@ def _epoch_loss(
     return total / n_batches
 
 
+def scheduled_learning_rate(validation_losses: Sequence[float], training: TrainingConfig) -> float:
+    """Learning rate of the next epoch, given the validation losses of the epochs so far.
+
+    The rate starts at ``learning_rate`` and is multiplied by ``lr_decay_factor`` each
+    time ``lr_decay_patience`` epochs in a row bring no lower validation loss. It is a
+    function of the loss history alone, so a resumed training continues with the
+    rate it had.
+    """
+    rate, best, stalled = training.learning_rate, math.inf, 0
+    for loss in validation_losses:
+        if loss < best:
+            best, stalled = loss, 0
+            continue
+        stalled += 1
+        if stalled >= training.lr_decay_patience:
+            rate *= training.lr_decay_factor
+            stalled = 0
+    return rate
+
+
 def _seed_epoch(seed: int, epoch: int) -> None:
     # epoch -1 seeds the weight initialisation; SeedSequence takes non-negative entropy only.
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch + 1]).generate_state(1)[0]))
@@ -266,6 +292,11 @@ def train_estimator(
         if epoch - best_epoch > training.patience and best_epoch >= 0:
             break
         _seed_epoch(training.seed, epoch)
+        learning_rate = scheduled_learning_rate(
+            [record["validation_loss"] for record in metrics], training
+        )
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate
         train_set.set_epoch(epoch)
         model.train()
         epoch_start = time.perf_counter()
@@ -281,6 +312,7 @@ def train_estimator(
             "epoch": float(epoch),
             "train_loss": train_loss,
             "validation_loss": validation_loss,
+            "learning_rate": learning_rate,
             "seconds": time.perf_counter() - epoch_start,
         }
         metrics.append(record)
