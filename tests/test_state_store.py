@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from services.api.state_store import SharedStore
+from services.api.state_store import PRUNE_EVERY, SharedStore
 
 
 def test_store_reads_other_process_write(tmp_path):
@@ -33,16 +33,13 @@ def test_uncached_get_reads_latest_write(tmp_path):
 
 def test_prune_keeps_latest_files(tmp_path):
     store: SharedStore[int] = SharedStore(tmp_path, size=3)
-    for index in range(6):
+    for index in range(PRUNE_EVERY):
         store.put(f"post-{index}", index)
         # Distinct modification times, oldest first, whatever the file system's resolution.
         os.utime(tmp_path / f"post-{index}.pkl", (1000 + index, 1000 + index))
 
-    assert sorted(path.name for path in tmp_path.glob("*.pkl")) == [
-        "post-3.pkl",
-        "post-4.pkl",
-        "post-5.pkl",
-    ]
+    kept = [f"post-{index}.pkl" for index in range(PRUNE_EVERY - 3, PRUNE_EVERY)]
+    assert sorted(path.name for path in tmp_path.glob("*.pkl")) == kept
     assert SharedStore(tmp_path, size=3).get("post-0") is None
 
 

@@ -28,17 +28,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SUFFIX = ".pkl"
+PRUNE_EVERY = 16
 
 
 class SharedStore(Generic[T]):
-    """Objects by id: least recently used ``size`` in memory, the latest ``size`` on disk.
+    """Objects by id: the ``size`` least recently used in memory, the latest on disk.
 
     Parameters
     ----------
     folder
         Folder of the pickles, created on first write. None keeps objects in memory only.
     size
-        Objects kept in memory and, separately, files kept in the folder.
+        Objects kept in memory and, separately, files kept in the folder (pruned to
+        ``size`` every ``PRUNE_EVERY`` writes).
     """
 
     def __init__(self, folder: Path | None, size: int) -> None:
@@ -46,6 +48,7 @@ class SharedStore(Generic[T]):
         self.size = size
         self._items: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
+        self._writes = 0
 
     def put(self, key: str, item: T) -> None:
         """Keep ``item`` in memory and write it to the folder (replacing an older file)."""
@@ -70,7 +73,13 @@ class SharedStore(Generic[T]):
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        self._prune()
+        # Listing the folder costs about a millisecond, so prune every PRUNE_EVERY writes;
+        # the folder holds at most size + PRUNE_EVERY files.
+        with self._lock:
+            self._writes += 1
+            prune = self._writes % PRUNE_EVERY == 0
+        if prune:
+            self._prune()
 
     def get(self, key: str, *, cache: bool = True) -> T | None:
         """Return the object from memory, else from the folder, or None when it is unknown.
