@@ -163,6 +163,37 @@ def test_exact_posterior_concentrates_on_truth(likelihood):
     assert probabilities[i, j] > 0.5
 
 
+def test_exact_posterior_on_given_grids(likelihood):
+    """Given nodes reproduce the node grid's values; nodes outside the prior are rejected."""
+    config = likelihood.config
+    rng = np.random.default_rng(5)
+    truth = draw_parameters(config, rng, 1, m_neV=3.0, g_per_gev=3e-11)
+    counts = rng.poisson(likelihood.npred(truth)[0])
+    log10_m, log10_g = np.linspace(-1.0, 2.0, 5), np.linspace(-13.0, -10.0, 6)
+
+    on_nodes = exact_posterior(config, counts, grid_size=5, quadrature_order=4)
+    given = exact_posterior(config, counts, grids=(log10_m, log10_g), quadrature_order=4)
+
+    assert given.log_density.shape == (1, 5, 6)
+    np.testing.assert_allclose(given.log_density[0, :, 0], on_nodes.log_density[0, :, 0])
+    np.testing.assert_allclose(given.log_density[0, :, -1], on_nodes.log_density[0, :, -1])
+    with pytest.raises(ValueError, match=r"log10 g grid \[-14, -10\] leaves the prior range"):
+        exact_posterior(config, counts, grids=(log10_m, np.linspace(-14.0, -10.0, 6)))
+
+
+def test_comparison_on_the_exact_nodes_skips_interpolation():
+    grid_x = -1.0 + (np.arange(16) + 0.5) * 3.0 / 16
+    grid_y = -13.0 + (np.arange(16) + 0.5) * 3.0 / 16
+    log_density = gaussian_log_density(grid_x, grid_y, (0.5, -11.5), width=0.05)
+    exact = ExactPosterior(grid_x, grid_y, log_density[None], 6)
+
+    comparison = compare_with_exact(cell_probabilities(log_density)[None], grid_x, grid_y, exact)
+
+    assert comparison.on_nre_grid
+    assert comparison.to_dict()["exact_on_nre_grid"] is True
+    assert comparison.jsd[0] < 1e-12
+
+
 def test_exact_posterior_is_prior_without_information():
     """With 3.6 µs of livetime (~5e-6 expected counts) the posterior is the prior.
 

@@ -739,7 +739,7 @@ def validate_estimator(
     n_posterior_samples: int = DEFAULT_POSTERIOR_SAMPLES,
     exact: bool = False,
     n_exact: int = DEFAULT_EXACT_OBSERVATIONS,
-    exact_grid_size: int = 40,
+    exact_grid_size: int | None = None,
     levels: Sequence[float] | None = None,
     held_out: HeldOutSet | None = None,
     write: bool = True,
@@ -766,8 +766,10 @@ def validate_estimator(
         that pass :func:`alpnre.exact.check_exact_config`; others raise ValueError.
     n_exact : int
         Held-out observations compared with the exact posterior (the first ones).
-    exact_grid_size : int
-        (m, g) nodes per axis of the exact posterior.
+    exact_grid_size : int, optional
+        (m, g) nodes per axis of the exact posterior, which is then interpolated onto
+        the NRE grid. Default: the exact posterior is computed at the cell centres of
+        the NRE grid itself, with no interpolation.
     levels : sequence of float, optional
         Credibility levels of the ECP; default 0, 0.05, ..., 1.
     held_out : HeldOutSet, optional
@@ -843,14 +845,23 @@ def validate_estimator(
     if exact:
         step = time.perf_counter()
         n_compared = min(n_exact, n_simulations)
-        exact_result = exact_posterior(
-            config,
-            held_out.counts[:n_compared],
-            grid_size=exact_grid_size,
-            instrument=instrument,
-            progress=progress,
-        )
         grid_x, grid_y = joint.grids
+        if exact_grid_size is None:
+            exact_result = exact_posterior(
+                config,
+                held_out.counts[:n_compared],
+                grids=(grid_x, grid_y),
+                instrument=instrument,
+                progress=progress,
+            )
+        else:
+            exact_result = exact_posterior(
+                config,
+                held_out.counts[:n_compared],
+                grid_size=exact_grid_size,
+                instrument=instrument,
+                progress=progress,
+            )
         comparison = compare_with_exact(
             joint.probabilities[:n_compared], grid_x, grid_y, exact_result
         )

@@ -674,11 +674,18 @@ class ExactPosterior:
         entropy = -special.xlogy(probabilities, probabilities).sum(axis=(1, 2))
         return np.exp(entropy)
 
+    def has_nodes(self, grid_x: np.ndarray, grid_y: np.ndarray) -> bool:
+        """Whether (grid_x, grid_y) are exactly this posterior's nodes."""
+        return np.array_equal(grid_x, self.grid_x) and np.array_equal(grid_y, self.grid_y)
+
     def log_density_on(self, grid_x: np.ndarray, grid_y: np.ndarray) -> np.ndarray:
         """Interpolate the log density linearly onto another grid inside this one.
 
-        Returns shape (n_obs, len(grid_x), len(grid_y)).
+        Returns shape (n_obs, len(grid_x), len(grid_y)). On this posterior's own
+        nodes the values are returned as they are.
         """
+        if self.has_nodes(grid_x, grid_y):
+            return self.log_density.copy()
         mesh_x, mesh_y = np.meshgrid(grid_x, grid_y, indexing="ij")
         points = np.stack([mesh_x.ravel(), mesh_y.ravel()], axis=1)
         out = np.empty((len(self.log_density), len(grid_x), len(grid_y)))
@@ -695,6 +702,7 @@ def exact_posterior(
     counts: np.ndarray,
     *,
     grid_size: int = DEFAULT_GRID_SIZE,
+    grids: tuple[np.ndarray, np.ndarray] | None = None,
     quadrature_order: int = DEFAULT_QUADRATURE_ORDER,
     instrument: InstrumentResponse | None = None,
     progress: bool = False,
@@ -710,6 +718,11 @@ def exact_posterior(
     grid_size : int
         Nodes per axis; the grid spans the prior supports of log10 m and log10 g, and
         P_γγ is propagated once per node (grid_size^2 propagations).
+    grids : (ndarray, ndarray), optional
+        The log10 m and log10 g nodes to use instead, inside the prior supports, e.g.
+        the cell centres of an NRE posterior grid. Comparing on the same nodes avoids
+        interpolating an exact density that can change by hundreds of nats between
+        nodes. ``grid_size`` is then ignored.
     quadrature_order : int
         Gauss-Hermite nodes per free nuisance parameter.
     progress : bool
@@ -721,13 +734,26 @@ def exact_posterior(
     """
     from tqdm.auto import tqdm
 
-    if not 4 <= grid_size <= 400:
-        raise ValueError(f"grid_size must lie in [4, 400], got {grid_size}")
+    axis_x, axis_y = parameter_axes(config, POI)
+    if grids is None:
+        if not 4 <= grid_size <= 400:
+            raise ValueError(f"grid_size must lie in [4, 400], got {grid_size}")
+        grid_x = np.linspace(axis_x.low, axis_x.high, grid_size)
+        grid_y = np.linspace(axis_y.low, axis_y.high, grid_size)
+    else:
+        grid_x, grid_y = (np.asarray(grid, dtype=float) for grid in grids)
+        for name, grid, axis in (("log10 m", grid_x, axis_x), ("log10 g", grid_y, axis_y)):
+            if grid.ndim != 1 or not 4 <= grid.size <= 400 or np.any(np.diff(grid) <= 0):
+                raise ValueError(
+                    f"{name} grid must be increasing with 4 to 400 nodes, got shape {grid.shape}"
+                )
+            if grid[0] < axis.low - 1e-9 or grid[-1] > axis.high + 1e-9:
+                raise ValueError(
+                    f"{name} grid [{grid[0]:g}, {grid[-1]:g}] leaves the prior range "
+                    f"[{axis.low:g}, {axis.high:g}]"
+                )
     likelihood = ExactLikelihood(config, instrument)
     counts = np.atleast_2d(np.asarray(counts, dtype=float))
-    axis_x, axis_y = parameter_axes(config, POI)
-    grid_x = np.linspace(axis_x.low, axis_x.high, grid_size)
-    grid_y = np.linspace(axis_y.low, axis_y.high, grid_size)
     mesh_x, mesh_y = np.meshgrid(grid_x, grid_y, indexing="ij")
 
     # P_γγ of every (m, g) node, clipped into the prior support like the prior below.
@@ -752,18 +778,18 @@ def exact_posterior(
         _log_prior_on_axis(config, axis_x, grid_x)[:, None]
         + _log_prior_on_axis(config, axis_y, grid_y)[None, :]
     )
-    log_density = np.empty((len(counts), grid_size, grid_size))
+    shape = (len(grid_x), len(grid_y))
+    log_density = np.empty((len(counts), *shape))
     for k, row in enumerate(tqdm(counts, desc="exact posteriors", disable=not progress)):
         log_evidence = likelihood.log_marginal_likelihood(
             row, p_gamma_gamma, quadrature_order=quadrature_order
         )
-        log_density[k] = log_evidence.reshape(grid_size, grid_size) + log_prior
+        log_density[k] = log_evidence.reshape(shape) + log_prior
     integration_seconds = time.perf_counter() - start
     log.info(
         "exact likelihood: %d posteriors on %dx%d nodes in %.1f s",
         len(counts),
-        grid_size,
-        grid_size,
+        *shape,
         integration_seconds,
     )
     return ExactPosterior(
@@ -826,6 +852,9 @@ class ExactComparison:
         The common grid (the NRE's).
     exact_grid_size, quadrature_order : int
         Settings of the exact posterior.
+    on_nre_grid : bool
+        Whether the exact posterior was computed on the NRE grid's nodes (no
+        interpolation).
     seconds : dict
         Time spent on the exact posteriors.
     examples : list of (ndarray, ndarray)
@@ -840,6 +869,7 @@ class ExactComparison:
     exact_grid_size: int
     quadrature_order: int
     labels: tuple[str, str]
+    on_nre_grid: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     examples: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
@@ -856,6 +886,7 @@ class ExactComparison:
             "n_resolved": int(resolved.sum()),
             "min_resolved_cells": MIN_RESOLVED_CELLS,
             "exact_grid_size": self.exact_grid_size,
+            "exact_on_nre_grid": self.on_nre_grid,
             "quadrature_order": self.quadrature_order,
             "jsd_nats": _summary(self.jsd),
             "jsd_nats_resolved": _summary(self.jsd[resolved]),
@@ -944,6 +975,7 @@ def compare_with_exact(
         grid_x=np.asarray(grid_x, dtype=float),
         grid_y=np.asarray(grid_y, dtype=float),
         exact_grid_size=len(exact.grid_x),
+        on_nre_grid=exact.has_nodes(grid_x, grid_y),
         quadrature_order=exact.quadrature_order,
         labels=exact.labels,
         seconds=dict(exact.seconds),

@@ -94,7 +94,8 @@ def add_parser(commands: Any) -> None:
         "--exact-grid-size",
         type=int,
         default=None,
-        help="(m, g) nodes per axis of the exact posterior (default 40)",
+        help="(m, g) nodes per axis of the exact posterior, interpolated onto the NRE grid "
+        "(default: the NRE grid's cell centres, no interpolation)",
     )
     _add_common(parser)
     parser.set_defaults(handler=cmd_validate)
