@@ -222,6 +222,13 @@ def report(args: argparse.Namespace, results: list[Measurement], response_kib: f
             f"{result.requests_per_s:.1f} requests/s, {result.errors} errors"
         )
     print(f"targets: p50 <= {1000 * TARGET_P50_S:.0f} ms, p99 <= {1000 * TARGET_P99_S:.0f} ms")
+    # Ratios against the one-client phase of the same run, which cancel machine speed.
+    reference = results[0]
+    for result in results[1:]:
+        print(
+            f"{result.name} / {reference.name}: p50 x{result.p50 / reference.p50:.2f}, "
+            f"requests/s x{result.requests_per_s / reference.requests_per_s:.2f}"
+        )
     if args.markdown:
         print()
         print("| clients | requests | p50 (ms) | p99 (ms) | requests/s | errors |")

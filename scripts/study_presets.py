@@ -310,8 +310,8 @@ def mismatched_cluster_coverage(
 
     The 'confident' estimator assumes the cluster values it was trained with. When the
     true cluster differs within the literature uncertainties, its posteriors are
-    expected to be overconfident; the 'informed' estimator on the same spectra shows
-    what marginalising buys.
+    expected to be overconfident. The 'informed' estimator on the same spectra shows
+    what marginalising gains.
     """
     held_out = simulate_held_out(
         preset_config("informed", args),

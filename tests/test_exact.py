@@ -172,11 +172,11 @@ def test_exact_posterior_on_given_grids(likelihood):
     log10_m, log10_g = np.linspace(-1.0, 2.0, 5), np.linspace(-13.0, -10.0, 6)
 
     on_nodes = exact_posterior(config, counts, grid_size=5, quadrature_order=4)
-    given = exact_posterior(config, counts, grids=(log10_m, log10_g), quadrature_order=4)
+    on_given_nodes = exact_posterior(config, counts, grids=(log10_m, log10_g), quadrature_order=4)
 
-    assert given.log_density.shape == (1, 5, 6)
-    np.testing.assert_allclose(given.log_density[0, :, 0], on_nodes.log_density[0, :, 0])
-    np.testing.assert_allclose(given.log_density[0, :, -1], on_nodes.log_density[0, :, -1])
+    assert on_given_nodes.log_density.shape == (1, 5, 6)
+    np.testing.assert_allclose(on_given_nodes.log_density[0, :, 0], on_nodes.log_density[0, :, 0])
+    np.testing.assert_allclose(on_given_nodes.log_density[0, :, -1], on_nodes.log_density[0, :, -1])
     with pytest.raises(ValueError, match=r"log10 g grid \[-14, -10\] leaves the prior range"):
         exact_posterior(config, counts, grids=(log10_m, np.linspace(-14.0, -10.0, 6)))
 

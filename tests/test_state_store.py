@@ -38,8 +38,8 @@ def test_prune_keeps_latest_files(tmp_path):
         # Distinct modification times, oldest first, whatever the file system's resolution.
         os.utime(tmp_path / f"post-{index}.pkl", (1000 + index, 1000 + index))
 
-    kept = [f"post-{index}.pkl" for index in range(PRUNE_EVERY - 3, PRUNE_EVERY)]
-    assert sorted(path.name for path in tmp_path.glob("*.pkl")) == kept
+    expected_names = [f"post-{index}.pkl" for index in range(PRUNE_EVERY - 3, PRUNE_EVERY)]
+    assert sorted(path.name for path in tmp_path.glob("*.pkl")) == expected_names
     assert SharedStore(tmp_path, size=3).get("post-0") is None
 
 

@@ -74,7 +74,7 @@ class SharedStore(Generic[T]):
             Path(temporary).unlink(missing_ok=True)
             raise
         # Listing the folder costs about a millisecond, so prune every PRUNE_EVERY writes;
-        # the folder holds at most size + PRUNE_EVERY files.
+        # the folder contains at most size + PRUNE_EVERY files.
         with self._lock:
             self._writes += 1
             prune = self._writes % PRUNE_EVERY == 0

@@ -675,7 +675,7 @@ class ExactPosterior:
         return np.exp(entropy)
 
     def has_nodes(self, grid_x: np.ndarray, grid_y: np.ndarray) -> bool:
-        """Whether (grid_x, grid_y) are exactly this posterior's nodes."""
+        """Check whether (grid_x, grid_y) are exactly this posterior's nodes."""
         return np.array_equal(grid_x, self.grid_x) and np.array_equal(grid_y, self.grid_y)
 
     def log_density_on(self, grid_x: np.ndarray, grid_y: np.ndarray) -> np.ndarray:

@@ -133,9 +133,9 @@ def _shared_features_log_ratios(
 ) -> torch.Tensor | None:
     """Evaluate a :class:`PairRatioHead` for one feature vector and many θ pairs.
 
-    The head's first layer acts on [features, θ pair]; for a posterior grid the
-    feature part is the same in every row, so it is computed once and the rest of the
-    network runs as plain matrix products with fused bias. Returns None when the head
+    The head's first layer acts on [features, θ pair]. On a posterior grid the feature
+    part is the same in every row, so it is computed once. The rest of the network
+    runs as plain matrix products with fused bias. Returns None when the head
     is not a ReLU residual network without batch norm or spectral embedding (then the
     caller runs the module itself). On a 100 x 100 grid with the default sizes this
     took 4.4 ms against 7.4 ms for the module's forward on a 2-core x86 CPU, with

@@ -54,6 +54,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import QueueDep, SettingsDep
 from services.api.routes.posteriors import (
+    FIGURE_MEDIA_TYPES,
     OrjsonResponse,
     SizeLimitedRoute,
     get_inference_state,
@@ -73,7 +74,6 @@ __all__ = ["LimitsJob", "LimitsJobStore", "router"]
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 1.0
-FIGURE_MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 # Mocks per batch of a worker run: at most 16 batches, so the workers share the run.
 MAX_WORKER_BATCHES = 16
 
@@ -135,7 +135,7 @@ class LimitsJob:
 class LimitsJobStore:
     """Jobs by id, in memory and in the state folder that all API processes read.
 
-    The process that runs a job holds it in memory and writes it on every change; the
+    The process that runs a job keeps it in memory and writes it on every change. The
     other processes read the latest written state.
     """
 
