@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from services.common import queue_celery_config, register_task
 from services.simulator import log_context
 from services.simulator.progress import ProgressStore
 from services.simulator.settings import SimulatorSettings
-from services.simulator.tasks import execute_batch
+from services.simulator.tasks import execute_batch, preload_dependencies
 
 __all__ = ["SIMULATE_BATCH_TASK", "app", "create_celery_app"]
 
@@ -77,6 +77,15 @@ def create_celery_app(settings: SimulatorSettings) -> Celery:
 
     register_task(app, SIMULATE_BATCH_TASK, simulate_batch, settings.max_retries)
     return app
+
+
+def _preload(**_: Any) -> None:
+    # In the worker's main process, before the pool forks: every pool process starts
+    # with the imports done, so a task's soft time limit cannot interrupt one.
+    preload_dependencies()
+
+
+signals.worker_init.connect(_preload, dispatch_uid="alpnre-preload", weak=False)
 
 
 app = create_celery_app(SimulatorSettings())

@@ -26,7 +26,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from services.simulator.progress import RUN_ID_PATTERN, BatchStatus, ProgressStore
 from services.simulator.settings import SimulatorSettings
 
-__all__ = ["TRANSIENT_ERRORS", "batch_task_id", "execute_batch", "resolve_config"]
+__all__ = [
+    "TRANSIENT_ERRORS",
+    "batch_task_id",
+    "execute_batch",
+    "preload_dependencies",
+    "resolve_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,26 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.LockError,
     kombu.exceptions.OperationalError,
 )
+
+
+def preload_dependencies() -> None:
+    """Import the simulator's lazily imported dependencies before any task runs.
+
+    A Celery soft time limit raises in whatever the task is doing, an import
+    included. A module interrupted half-way stays in ``sys.modules`` half-initialised,
+    and every later batch on that worker then fails with AttributeError. The worker
+    calls this once at start-up (``worker_init``), so no task imports these.
+    """
+    import ebltable.tau_from_model  # noqa: F401
+    import gammapy.irf
+    import gammapy.maps  # noqa: F401
+    import numba  # noqa: F401
+    import torch  # noqa: F401
+    from alpnre.physics._gammaalps import import_gammaalps
+
+    import_gammaalps("gammaALPs.core")
+    import_gammaalps("gammaALPs.base.environs")
+    log.info("simulation dependencies imported")
 
 
 def batch_task_id(run_id: str, batch_index: int) -> str:
