@@ -218,6 +218,26 @@ def test_resume_matches_uninterrupted(small_run, tmp_path):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+def test_resume_under_new_stopping_rules(small_run, tmp_path):
+    """A training stopped by hand is finished by rerunning it with fewer max_epochs."""
+    data = load_training_data([small_run])
+    longer = TrainingConfig(**{**FAST, "max_epochs": 6, "patience": 8})
+    train_estimator(data, longer, tmp_path / "work", progress=False, stop_after_epochs=2)
+
+    finished = train_estimator(
+        data, TrainingConfig(**{**FAST, "max_epochs": 2}), tmp_path / "work", progress=False
+    )
+    # Any other change starts afresh: one epoch run gives one epoch of metrics.
+    changed = TrainingConfig(**{**FAST, "max_epochs": 2, "learning_rate": 5e-4})
+    restarted = train_estimator(
+        data, changed, tmp_path / "work", progress=False, stop_after_epochs=1
+    )
+
+    assert len(finished.metrics) == 2
+    assert finished.best_epoch in (0, 1)
+    assert len(restarted.metrics) == 1
+
+
 def test_published_estimator_reloads(small_run, tmp_path):
     data = load_training_data([small_run])
     result = train_estimator(data, TrainingConfig(**FAST), tmp_path / "work", progress=False)

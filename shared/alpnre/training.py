@@ -275,8 +275,11 @@ def train_estimator(
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay
     )
+    # The stopping rules (max_epochs, patience) do not change the epochs already run, so
+    # a checkpoint resumes under new ones: rerunning with --max-epochs set to the epochs
+    # done publishes the best weights so far.
     fingerprint = {
-        "training": training.model_dump(mode="json"),
+        "training": training.model_dump(mode="json", exclude={"max_epochs", "patience"}),
         "data": data.manifest_hashes,
     }
     state = _load_checkpoint(work_dir, fingerprint, model, optimiser) if resume else None
