@@ -14,9 +14,10 @@ with Balanced Neural Ratio Estimation"),
 which pushes the estimator towards conservative posteriors when simulations are few.
 
 Network: log1p(counts), standardised with the training set's mean and standard
-deviation (stored in the state dict), then an MLP embedding, then swyft's
-``LogRatioEstimator_1dim`` (one head per listed parameter) and
-``LogRatioEstimator_Ndim`` (the 2-dim (log10 m, log10 g) head).
+deviation (stored in the state dict), then an MLP embedding, then log-ratio heads built
+on swyft's channelled ``MarginalClassifier``: one per listed parameter and one for the
+2-dim (log10 m, log10 g) marginal. The heads see the parameters either as they are or,
+with ``theta_frequencies`` > 0, with sine/cosine features added (:class:`ThetaEncoding`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "EstimatorSpec",
     "ParameterAxis",
     "RatioEstimator",
+    "ThetaEncoding",
     "TrainingConfig",
     "nre_loss",
     "parameter_axes",
@@ -92,6 +94,14 @@ class TrainingConfig(BaseModel):
     )
     lr_decay_patience: int = Field(
         2, ge=1, description="epochs without a lower validation loss before a decay"
+    )
+    theta_frequencies: int = Field(
+        0,
+        ge=0,
+        le=12,
+        description="sine/cosine frequencies per standardised parameter fed to the heads "
+        "besides the parameter itself (frequencies pi * 2^k, k < theta_frequencies); 0 feeds "
+        "the parameters alone. An MLP on raw parameters learns sharp ratio peaks slowly",
     )
     nuisance_marginals: list[str] = Field(
         default_factory=list,
@@ -211,31 +221,99 @@ class SpectrumEmbedding(nn.Module):
         return self.net(z)
 
 
-class PairRatioHead(nn.Module):
-    """2-dim log-ratio heads built from swyft's channelled marginal classifier.
+class ThetaEncoding(nn.Module):
+    """Map each standardised parameter u to [u, sin(π 2^k u), cos(π 2^k u)], k < K.
 
-    ``forward(features, theta_pairs)`` takes features (B, n_features) and the pairs'
-    parameters (B, 2 * n_pairs), pair k in columns 2k and 2k + 1, and returns
-    log-ratios (B, n_pairs).
+    An MLP fed with raw parameters is biased towards functions that vary slowly in
+    them (the spectral bias of Rahaman et al. 2019, ICML), so the narrow posterior
+    islands of strong ALP signals take many epochs to resolve. Sines and cosines up
+    to frequency π 2^(K-1) let the first layer represent structure as fine as
+    2^(1-K) of the standardised range [-1, 1] (Tancik et al. 2020, NeurIPS). K = 0
+    is the identity.
+    """
+
+    frequencies: torch.Tensor
+
+    def __init__(self, n_frequencies: int) -> None:
+        super().__init__()
+        self.n_frequencies = n_frequencies
+        # Not persistent: the frequencies follow from the spec, and state dicts of
+        # estimators without an encoding keep their keys.
+        frequencies = math.pi * 2.0 ** torch.arange(n_frequencies, dtype=torch.float32)
+        self.register_buffer("frequencies", frequencies, persistent=False)
+
+    def output_size(self, n_inputs: int) -> int:
+        return n_inputs * (1 + 2 * self.n_frequencies)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(..., P) → (..., P (1 + 2K))."""
+        if self.n_frequencies == 0:
+            return blocks
+        phases = (blocks.unsqueeze(-1) * self.frequencies).flatten(-2)
+        return torch.cat([blocks, torch.sin(phases), torch.cos(phases)], dim=-1)
+
+
+class ChannelRatioHead(nn.Module):
+    """Log-ratio heads for several marginals of ``block_size`` parameters each.
+
+    Built on swyft's channelled ``MarginalClassifier``: one residual network per
+    marginal, all evaluated in one batched pass. ``forward(features, theta_blocks)``
+    takes features (B, n_features) and parameters (B, n_marginals * block_size),
+    marginal k in columns k * block_size ... (k + 1) * block_size - 1, and returns
+    log-ratios (B, n_marginals).
     """
 
     def __init__(
-        self, n_features: int, n_pairs: int, hidden_features: int, num_blocks: int, dropout: float
+        self,
+        n_features: int,
+        n_marginals: int,
+        block_size: int,
+        hidden_features: int,
+        num_blocks: int,
+        dropout: float,
+        theta_frequencies: int = 0,
     ) -> None:
         super().__init__()
-        self.n_pairs = n_pairs
+        self.n_marginals = n_marginals
+        self.block_size = block_size
+        self.encoding = ThetaEncoding(theta_frequencies)
         self.classifier = swyft.networks.MarginalClassifier(
-            n_pairs,
-            n_features + 2,
+            n_marginals,
+            n_features + self.encoding.output_size(block_size),
             hidden_features=hidden_features,
             num_blocks=num_blocks,
             dropout_probability=dropout,
             use_batch_norm=False,
         )
 
-    def forward(self, features: torch.Tensor, theta_pairs: torch.Tensor) -> torch.Tensor:
-        blocks = theta_pairs.reshape(len(theta_pairs), self.n_pairs, 2)
-        return self.classifier(features, blocks)
+    def encode(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Parameter blocks (B, n_marginals, block_size) → the classifier's inputs."""
+        return self.encoding(blocks)
+
+    def forward(self, features: torch.Tensor, theta_blocks: torch.Tensor) -> torch.Tensor:
+        blocks = theta_blocks.reshape(len(theta_blocks), self.n_marginals, self.block_size)
+        return self.classifier(features, self.encode(blocks))
+
+
+class PairRatioHead(ChannelRatioHead):
+    """2-dim log-ratio heads: pair k in columns 2k and 2k + 1 of ``theta_blocks``."""
+
+    def __init__(
+        self,
+        n_features: int,
+        n_pairs: int,
+        hidden_features: int,
+        num_blocks: int,
+        dropout: float,
+        theta_frequencies: int = 0,
+    ) -> None:
+        super().__init__(
+            n_features, n_pairs, 2, hidden_features, num_blocks, dropout, theta_frequencies
+        )
+
+    @property
+    def n_pairs(self) -> int:
+        return self.n_marginals
 
 
 class RatioEstimator(nn.Module):
@@ -259,16 +337,29 @@ class RatioEstimator(nn.Module):
         # Batch normalisation is switched off in both heads: its batch statistics
         # differ between joint and marginal pairs and between training and evaluation,
         # which made the validation loss rise while the training loss fell.
-        self.head_1d = swyft.LogRatioEstimator_1dim(
-            num_features=training.n_features,
-            num_params=len(self.index_1d),
-            varnames=list(spec.one_dim),
-            hidden_features=training.head_width,
-            num_blocks=training.head_blocks,
-            dropout=training.dropout,
-            use_batch_norm=False,
-            ptrans_online_z_score=False,
-        )
+        self.head_1d: nn.Module
+        if training.theta_frequencies == 0:
+            # Kept for estimators saved before the encoding existed: same state-dict keys.
+            self.head_1d = swyft.LogRatioEstimator_1dim(
+                num_features=training.n_features,
+                num_params=len(self.index_1d),
+                varnames=list(spec.one_dim),
+                hidden_features=training.head_width,
+                num_blocks=training.head_blocks,
+                dropout=training.dropout,
+                use_batch_norm=False,
+                ptrans_online_z_score=False,
+            )
+        else:
+            self.head_1d = ChannelRatioHead(
+                n_features=training.n_features,
+                n_marginals=len(self.index_1d),
+                block_size=1,
+                hidden_features=training.head_width,
+                num_blocks=training.head_blocks,
+                dropout=training.dropout,
+                theta_frequencies=training.theta_frequencies,
+            )
         self.head_2d = (
             PairRatioHead(
                 n_features=training.n_features,
@@ -276,6 +367,7 @@ class RatioEstimator(nn.Module):
                 hidden_features=training.head_width,
                 num_blocks=training.head_blocks,
                 dropout=training.dropout,
+                theta_frequencies=training.theta_frequencies,
             )
             if self.pairs_2d
             else None
@@ -290,7 +382,9 @@ class RatioEstimator(nn.Module):
 
     def log_ratios(self, features: torch.Tensor, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Log-ratios for precomputed features (B, n_features) and θ (B, n_params)."""
-        out = {"1d": self.head_1d(features, theta[:, self.index_1d]).logratios}
+        one_dim = self.head_1d(features, theta[:, self.index_1d])
+        # swyft's head returns LogRatioSamples, ChannelRatioHead a tensor.
+        out = {"1d": getattr(one_dim, "logratios", one_dim)}
         if self.head_2d is not None:
             columns = [theta[:, [a, b]] for a, b in self.pairs_2d]
             out["2d"] = self.head_2d(features, torch.cat(columns, dim=1))

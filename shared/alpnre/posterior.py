@@ -157,7 +157,8 @@ def _shared_features_log_ratios(
     ):
         return None
     n_features = features.shape[1]
-    pairs = theta_pairs.reshape(len(theta_pairs), head.n_pairs, 2)
+    # The first layer is linear in the encoded pairs, so encoding them first is exact.
+    pairs = head.encode(theta_pairs.reshape(len(theta_pairs), head.n_pairs, 2))
     outputs = []
     for channel in range(head.n_pairs):
         weights = net.initial_layer.weights[channel]
