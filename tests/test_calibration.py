@@ -316,6 +316,46 @@ def test_exact_comparison_reported(tmp_path):
     assert (folder / "validation" / "exact.png").stat().st_size > 10_000
 
 
+def test_exact_comparison_on_nre_grid_refines_narrow_posteriors(tmp_path):
+    """On the NRE grid the exact posteriors of strong signals get cell averages."""
+    data = small_config_dict()
+    data["propagation"] = {"fixed_bfield_seed": 7}
+    # Strong signals only, so that every exact posterior is narrower than a cell.
+    data["parameters"].update(
+        m_neV={"kind": "log_uniform", "low": 10.0, "high": 100.0},
+        g_per_gev={"kind": "log_uniform", "low": 3e-11, "high": 1e-10},
+    )
+    config = parse_config(data)
+    names, one_dim, two_dim = default_heads(config)
+    spec = EstimatorSpec(
+        n_bins=config.observation.n_energy_bins,
+        axes=parameter_axes(config, names),
+        one_dim=one_dim,
+        two_dim=two_dim,
+        training=TrainingConfig(embedding_width=16, n_features=4, head_width=8),
+    )
+    folder = save_estimator(tmp_path / "strong", RatioEstimator(spec), config)
+
+    report = validate_estimator(
+        folder,
+        n_simulations=20,
+        grid_size=8,
+        n_posterior_samples=50,
+        exact=True,
+        n_exact=2,
+        exact_subcells=2,
+        write=False,
+    )
+
+    exact = report.exact.to_dict()
+    assert exact["exact_on_nre_grid"] is True
+    assert exact["exact_subcells"] == 2
+    assert exact["n_refined"] == 2
+    assert len(exact["jsd_nats_node_values"]["values"]) == 2
+    with pytest.raises(ValueError, match="exact_subcells must be 0"):
+        validate_estimator(folder, n_simulations=20, exact=True, exact_subcells=1)
+
+
 # --- command line ----------------------------------------------------------------------
 
 

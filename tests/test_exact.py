@@ -16,6 +16,7 @@ from alpnre.exact import (
     check_exact_config,
     compare_with_exact,
     exact_posterior,
+    refine_exact_posterior,
 )
 from alpnre.physics.irf import load_instrument_response
 from alpnre.simulate import expected_counts
@@ -262,3 +263,77 @@ def test_upper_limit_undefined_for_empty_row():
     assert np.isnan(limits[0, 1])
     assert _mean_or_none(limits) == pytest.approx(limits[0, 0])
     assert _mean_or_none(np.full(3, np.nan)) is None
+
+
+# --- cell averages where the posterior is narrower than a cell --------------------------
+
+
+def _cell_centres(low, width, n):
+    return low + (np.arange(n) + 0.5) * width
+
+
+def test_refined_cells_are_means_over_their_sub_nodes(likelihood):
+    """Refined cells equal the mean density of sub-nodes computed directly on a fine grid.
+
+    The fine grid's nodes are the sub-node positions that a 3 x 3 refinement of 0.06-dex
+    cells must use, so a misplaced sub-node or a wrong cell index shows up as a mismatch.
+    """
+    config = likelihood.config
+    rng = np.random.default_rng(11)
+    truth = draw_parameters(config, rng, 1, m_neV=30.0, g_per_gev=6e-11)
+    counts = rng.poisson(likelihood.npred(truth)[0])
+    width, n_cells, subcells = 0.06, 5, 3
+    grid_x = _cell_centres(np.log10(30.0) - 2.5 * width, width, n_cells)
+    grid_y = _cell_centres(np.log10(6e-11) - 2.5 * width, width, n_cells)
+    fine_x = _cell_centres(grid_x[0] - width / 2, width / subcells, n_cells * subcells)
+    fine_y = _cell_centres(grid_y[0] - width / 2, width / subcells, n_cells * subcells)
+
+    nodes = exact_posterior(config, counts, grids=(grid_x, grid_y), quadrature_order=4)
+    refined = refine_exact_posterior(
+        nodes, config, counts, subcells=subcells, mass=0.5, max_cells=n_cells**2
+    )
+    fine = exact_posterior(config, counts, grids=(fine_x, fine_y), quadrature_order=4)
+
+    blocks = fine.log_density[0].reshape(n_cells, subcells, n_cells, subcells)
+    expected = special.logsumexp(blocks, axis=(1, 3)) - np.log(subcells**2)
+    mask = refined.refined[0]
+    assert mask.sum() >= 9, "the cells of half the mass and their neighbours are refined"
+    np.testing.assert_allclose(refined.log_density[0][mask], expected[mask], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(refined.log_density[0][~mask], nodes.log_density[0][~mask])
+    assert refined.subcells == subcells
+
+
+def test_truth_cell_refined_and_broad_posteriors_left_alone():
+    config = fixed_field_config(livetime_h=1e-9)
+    counts = np.zeros((1, config.observation.n_energy_bins))
+    width = 3.0 / 8
+    grid_x, grid_y = _cell_centres(-1.0, width, 8), _cell_centres(-13.0, width, 8)
+    flat = exact_posterior(config, counts, grids=(grid_x, grid_y), quadrature_order=4)
+
+    untouched = refine_exact_posterior(flat, config, counts, subcells=2, max_cells=25)
+    assert not untouched.refined.any()
+    np.testing.assert_array_equal(untouched.log_density, flat.log_density)
+    # One cell raised by 1 nat holds 4 % of the mass, more than `mass`, so it alone is
+    # refined; the truth's cell and the neighbours of both are refined too.
+    flat.log_density[0, 0, 0] += 1.0
+    with_truth = refine_exact_posterior(
+        flat, config, counts, subcells=2, mass=0.01, truths=np.array([[grid_x[6], grid_y[1]]])
+    )
+
+    assert with_truth.refined[0, 6, 1] and with_truth.refined[0, 7, 2]
+    assert with_truth.refined[0, 0, 0] and with_truth.refined[0, 1, 1]
+    assert with_truth.refined[0].sum() == 4 + 9
+
+
+def test_refinement_rejects_uneven_grids_and_bad_settings():
+    config = fixed_field_config()
+    counts = np.zeros((1, config.observation.n_energy_bins))
+    grid_y = np.array([-12.0, -11.9, -11.8])
+    uneven = ExactPosterior(np.array([0.0, 0.1, 0.3]), grid_y, np.zeros((1, 3, 3)), 4)
+    with pytest.raises(ValueError, match="log10 m nodes must be evenly spaced"):
+        refine_exact_posterior(uneven, config, counts)
+    even = ExactPosterior(np.array([0.0, 0.1, 0.2]), grid_y, np.zeros((1, 3, 3)), 4)
+    with pytest.raises(ValueError, match="subcells must lie in"):
+        refine_exact_posterior(even, config, counts, subcells=1)
+    with pytest.raises(ValueError, match="2 observations but 1 exact posteriors"):
+        refine_exact_posterior(even, config, np.zeros((2, counts.shape[1])))

@@ -50,11 +50,13 @@ import torch
 import alpnre
 from alpnre.config import AnalysisConfig, config_hash
 from alpnre.exact import (
+    DEFAULT_SUBCELLS,
     ExactComparison,
     check_exact_config,
     compare_with_exact,
     exact_posterior,
     plot_exact_comparison,
+    refine_exact_posterior,
 )
 from alpnre.nre import ParameterAxis, RatioEstimator
 from alpnre.physics.irf import InstrumentResponse, load_instrument_response
@@ -718,7 +720,11 @@ def _check_irf(estimator: LoadedEstimator, instrument: InstrumentResponse) -> No
 
 
 def _check_arguments(
-    n_simulations: int, grid_size: int, n_posterior_samples: int, n_exact: int
+    n_simulations: int,
+    grid_size: int,
+    n_posterior_samples: int,
+    n_exact: int,
+    exact_subcells: int = 0,
 ) -> None:
     if n_simulations < 10:
         raise ValueError(f"n_simulations must be at least 10, got {n_simulations}")
@@ -728,6 +734,10 @@ def _check_arguments(
         raise ValueError(f"n_posterior_samples must be at least 10, got {n_posterior_samples}")
     if n_exact < 1:
         raise ValueError(f"n_exact must be at least 1, got {n_exact}")
+    if exact_subcells != 0 and not 2 <= exact_subcells <= 32:
+        raise ValueError(
+            f"exact_subcells must be 0 (no refinement) or lie in [2, 32], got {exact_subcells}"
+        )
 
 
 def validate_estimator(
@@ -740,6 +750,7 @@ def validate_estimator(
     exact: bool = False,
     n_exact: int = DEFAULT_EXACT_OBSERVATIONS,
     exact_grid_size: int | None = None,
+    exact_subcells: int = DEFAULT_SUBCELLS,
     levels: Sequence[float] | None = None,
     held_out: HeldOutSet | None = None,
     write: bool = True,
@@ -770,6 +781,11 @@ def validate_estimator(
         (m, g) nodes per axis of the exact posterior, which is then interpolated onto
         the NRE grid. Default: the exact posterior is computed at the cell centres of
         the NRE grid itself, with no interpolation.
+    exact_subcells : int
+        Sub-nodes per axis in the cells where an exact posterior on the NRE grid is
+        narrower than a cell (:func:`alpnre.exact.refine_exact_posterior`, which also
+        refines the cell of the true parameters); 0 keeps the node values. The report
+        also gives the JSD before refinement.
     levels : sequence of float, optional
         Credibility levels of the ECP; default 0, 0.05, ..., 1.
     held_out : HeldOutSet, optional
@@ -789,7 +805,7 @@ def validate_estimator(
     config = loaded.config
     if held_out is not None:
         n_simulations = held_out.n_simulations
-    _check_arguments(n_simulations, grid_size, n_posterior_samples, n_exact)
+    _check_arguments(n_simulations, grid_size, n_posterior_samples, n_exact, exact_subcells)
     if exact:
         check_exact_config(config)
     instrument = load_instrument_response(config)
@@ -865,6 +881,22 @@ def validate_estimator(
         comparison = compare_with_exact(
             joint.probabilities[:n_compared], grid_x, grid_y, exact_result
         )
+        if exact_grid_size is None and exact_subcells:
+            node_values = comparison.jsd
+            truths = _truths_on_axes(loaded, held_out, joint.names)[:n_compared]
+            exact_result = refine_exact_posterior(
+                exact_result,
+                config,
+                held_out.counts[:n_compared],
+                subcells=exact_subcells,
+                truths=truths,
+                instrument=instrument,
+                progress=progress,
+            )
+            comparison = compare_with_exact(
+                joint.probabilities[:n_compared], grid_x, grid_y, exact_result
+            )
+            comparison.jsd_node_values = node_values
         timing["exact"] = time.perf_counter() - step
 
     timing["total"] = time.perf_counter() - start

@@ -49,7 +49,7 @@ from itertools import product
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import interpolate, special
+from scipy import interpolate, ndimage, special
 
 from alpnre.config import AnalysisConfig
 from alpnre.nre import ParameterAxis, parameter_axes
@@ -71,6 +71,7 @@ __all__ = [
     "compare_with_exact",
     "exact_posterior",
     "plot_exact_comparison",
+    "refine_exact_posterior",
 ]
 
 log = logging.getLogger(__name__)
@@ -649,6 +650,11 @@ class ExactPosterior:
         Gauss-Hermite nodes per free nuisance parameter.
     seconds : dict
         Time spent on propagation and on the nuisance integrals.
+    refined : ndarray of bool, shape (n_obs, n_x, n_y), optional
+        Cells whose log density is the mean over sub-nodes of the cell (see
+        :func:`refine_exact_posterior`) instead of the value at the node.
+    subcells : int
+        Sub-nodes per axis in each refined cell (1: none refined).
     """
 
     grid_x: np.ndarray
@@ -657,6 +663,8 @@ class ExactPosterior:
     quadrature_order: int
     labels: tuple[str, str] = ("log10(m_neV)", "log10(g_per_gev)")
     seconds: dict[str, float] = field(default_factory=dict)
+    refined: np.ndarray | None = None
+    subcells: int = 1
 
     def probabilities(self) -> np.ndarray:
         """Cell probabilities on the grid, each observation summing to 1."""
@@ -802,6 +810,177 @@ def exact_posterior(
     )
 
 
+# Defaults of refine_exact_posterior: sub-nodes per axis and cell, the posterior mass
+# whose cells are refined, and the largest number of such cells per observation.
+DEFAULT_SUBCELLS = 6
+DEFAULT_REFINED_MASS = 0.999
+DEFAULT_MAX_REFINED_CELLS = 25
+
+
+def _uniform_spacing(grid: np.ndarray, name: str) -> float:
+    steps = np.diff(grid)
+    if grid.size < 2 or not np.allclose(steps, steps[0], rtol=1e-6, atol=0.0):
+        raise ValueError(
+            f"{name} nodes must be evenly spaced cell centres to be refined, got {grid.size} "
+            "nodes with uneven steps"
+        )
+    return float(steps[0])
+
+
+def _cells_to_refine(
+    probabilities: np.ndarray, mass: float, max_cells: int, extra: Sequence[tuple[int, int]]
+) -> np.ndarray | None:
+    """Boolean mask of the cells holding ``mass`` of the posterior, their neighbours and ``extra``.
+
+    Returns None when more than ``max_cells`` cells are needed before adding neighbours:
+    such a posterior spreads over many cells and the node values describe it.
+    """
+    order = np.argsort(probabilities, axis=None)[::-1]
+    cumulative = np.cumsum(probabilities.ravel()[order])
+    n_cells = int(np.searchsorted(cumulative, mass)) + 1
+    if n_cells > max_cells:
+        return None
+    core = np.zeros(probabilities.size, dtype=bool)
+    core[order[:n_cells]] = True
+    core = core.reshape(probabilities.shape)
+    for i, j in extra:
+        core[i, j] = True
+    # Neighbours: the posterior of a strong signal can sit in a cell whose centre fits
+    # worse than the centre of the cell next to it.
+    return ndimage.binary_dilation(core, structure=np.ones((3, 3), dtype=bool))
+
+
+def refine_exact_posterior(
+    exact: ExactPosterior,
+    config: AnalysisConfig,
+    counts: np.ndarray,
+    *,
+    subcells: int = DEFAULT_SUBCELLS,
+    mass: float = DEFAULT_REFINED_MASS,
+    max_cells: int = DEFAULT_MAX_REFINED_CELLS,
+    truths: np.ndarray | None = None,
+    instrument: InstrumentResponse | None = None,
+    progress: bool = False,
+) -> ExactPosterior:
+    """Replace node values by cell averages where the posterior is narrower than a cell.
+
+    An exact posterior computed at cell centres treats the density at the centre as
+    the density of the whole cell. For a strong ALP signal the likelihood changes by
+    hundreds of nats across a cell, so the centre value says little about the cell's
+    probability: the posterior collapses onto the cell whose centre happens to fit
+    best, which need not hold the posterior mass. Here the cells that hold ``mass`` of
+    an observation's posterior, their eight neighbours and the cell of the true
+    parameters (when ``truths`` are given) get ``subcells`` x ``subcells`` sub-nodes,
+    and the cell's log density becomes the log of the mean density over them, a
+    midpoint rule for the cell integral.
+
+    Parameters
+    ----------
+    exact : ExactPosterior
+        Posteriors at the cell centres of a regular grid (evenly spaced nodes), for
+        example ``exact_posterior(config, counts, grids=nre_grids)``.
+    config : AnalysisConfig
+        The config ``exact`` was computed with.
+    counts : ndarray, shape (n_obs, n_reco)
+        The observations of ``exact``.
+    subcells : int
+        Sub-nodes per axis and cell; P_γγ is propagated once per sub-node.
+    mass : float
+        Posterior mass (on the node values) whose cells are refined.
+    max_cells : int
+        Observations that need more cells than this for ``mass`` are left as they are:
+        their posterior spreads over many cells.
+    truths : ndarray, shape (n_obs, 2), optional
+        True (log10 m, log10 g) of simulated observations; their cells are refined too.
+
+    Returns
+    -------
+    ExactPosterior
+        A copy with refined cells, ``refined`` marking them.
+    """
+    from tqdm.auto import tqdm
+
+    if not 2 <= subcells <= 32:
+        raise ValueError(f"subcells must lie in [2, 32], got {subcells}")
+    if not 0.0 < mass < 1.0:
+        raise ValueError(f"mass must lie in (0, 1), got {mass}")
+    counts = np.atleast_2d(np.asarray(counts, dtype=float))
+    if len(counts) != len(exact.log_density):
+        raise ValueError(
+            f"{len(counts)} observations but {len(exact.log_density)} exact posteriors: pass "
+            "the counts the posteriors were computed from"
+        )
+    step_x = _uniform_spacing(exact.grid_x, "log10 m")
+    step_y = _uniform_spacing(exact.grid_y, "log10 g")
+    axis_x, axis_y = parameter_axes(config, POI)
+    offsets = (np.arange(subcells) + 0.5) / subcells - 0.5
+    likelihood = ExactLikelihood(config, instrument)
+    probabilities = exact.probabilities()
+    log_density = exact.log_density.copy()
+    refined = np.zeros(log_density.shape, dtype=bool)
+    seconds = {"refine_propagation": 0.0, "refine_integration": 0.0}
+    rows = tqdm(range(len(counts)), desc="refining exact posteriors", disable=not progress)
+    for k in rows:
+        extra = []
+        if truths is not None:
+            i = int(np.argmin(np.abs(exact.grid_x - truths[k][0])))
+            j = int(np.argmin(np.abs(exact.grid_y - truths[k][1])))
+            extra.append((i, j))
+        mask = _cells_to_refine(probabilities[k], mass, max_cells, extra)
+        if mask is None:
+            continue
+        cells = np.argwhere(mask)
+        sub_x = exact.grid_x[cells[:, 0], None] + step_x * offsets[None, :]
+        sub_y = exact.grid_y[cells[:, 1], None] + step_y * offsets[None, :]
+        # Every (x, y) sub-node pair of each cell: shape (n_cells, subcells, subcells).
+        nodes_x = np.broadcast_to(sub_x[:, :, None], (len(cells), subcells, subcells))
+        nodes_y = np.broadcast_to(sub_y[:, None, :], (len(cells), subcells, subcells))
+        nodes_x, nodes_y = nodes_x.ravel(), nodes_y.ravel()
+        start = time.perf_counter()
+        m_nev = np.clip(axis_x.from_axis(nodes_x), *config.prior("m_neV").support())
+        g_per_gev = np.clip(axis_y.from_axis(nodes_y), *config.prior("g_per_gev").support())
+        p_gamma_gamma = np.concatenate(
+            [
+                likelihood.survival_probabilities(
+                    m_nev[i : i + _PROPAGATION_CHUNK], g_per_gev[i : i + _PROPAGATION_CHUNK]
+                )
+                for i in range(0, len(m_nev), _PROPAGATION_CHUNK)
+            ]
+        )
+        seconds["refine_propagation"] += time.perf_counter() - start
+        start = time.perf_counter()
+        log_values = (
+            likelihood.log_marginal_likelihood(
+                counts[k], p_gamma_gamma, quadrature_order=exact.quadrature_order
+            )
+            + _log_prior_on_axis(config, axis_x, nodes_x)
+            + _log_prior_on_axis(config, axis_y, nodes_y)
+        )
+        seconds["refine_integration"] += time.perf_counter() - start
+        per_cell = log_values.reshape(len(cells), subcells * subcells)
+        cell_log_density = special.logsumexp(per_cell, axis=1) - math.log(per_cell.shape[1])
+        log_density[k, cells[:, 0], cells[:, 1]] = cell_log_density
+        refined[k, cells[:, 0], cells[:, 1]] = True
+    log.info(
+        "exact likelihood: refined %d cells of %d posteriors with %dx%d sub-nodes in %.1f s",
+        int(refined.sum()),
+        int(refined.any(axis=(1, 2)).sum()),
+        subcells,
+        subcells,
+        sum(seconds.values()),
+    )
+    return ExactPosterior(
+        grid_x=exact.grid_x,
+        grid_y=exact.grid_y,
+        log_density=log_density,
+        quadrature_order=exact.quadrature_order,
+        labels=exact.labels,
+        seconds={**exact.seconds, **seconds},
+        refined=refined,
+        subcells=subcells,
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Comparison with the NRE posterior
 # ---------------------------------------------------------------------------------------
@@ -855,6 +1034,12 @@ class ExactComparison:
     on_nre_grid : bool
         Whether the exact posterior was computed on the NRE grid's nodes (no
         interpolation).
+    subcells : int
+        Sub-nodes per axis in the refined cells of the exact posterior (1: none).
+    refined_observations : ndarray of bool, shape (n_obs,)
+        Observations whose exact posterior has refined cells.
+    jsd_node_values : ndarray, shape (n_obs,), optional
+        The JSD against the exact posterior before refinement (node values only).
     seconds : dict
         Time spent on the exact posteriors.
     examples : list of (ndarray, ndarray)
@@ -870,6 +1055,9 @@ class ExactComparison:
     quadrature_order: int
     labels: tuple[str, str]
     on_nre_grid: bool = False
+    subcells: int = 1
+    refined_observations: np.ndarray | None = None
+    jsd_node_values: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     examples: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
@@ -887,9 +1075,16 @@ class ExactComparison:
             "min_resolved_cells": MIN_RESOLVED_CELLS,
             "exact_grid_size": self.exact_grid_size,
             "exact_on_nre_grid": self.on_nre_grid,
+            "exact_subcells": self.subcells,
+            "n_refined": (
+                0 if self.refined_observations is None else int(self.refined_observations.sum())
+            ),
             "quadrature_order": self.quadrature_order,
             "jsd_nats": _summary(self.jsd),
             "jsd_nats_resolved": _summary(self.jsd[resolved]),
+            "jsd_nats_node_values": (
+                None if self.jsd_node_values is None else _summary(self.jsd_node_values)
+            ),
             "effective_cells": [float(v) for v in self.effective_cells],
             "upper_limit_95_shift_dex": {
                 "description": "NRE minus exact 95 % upper limit on log10(g_per_gev)",
@@ -976,6 +1171,10 @@ def compare_with_exact(
         grid_y=np.asarray(grid_y, dtype=float),
         exact_grid_size=len(exact.grid_x),
         on_nre_grid=exact.has_nodes(grid_x, grid_y),
+        subcells=exact.subcells,
+        refined_observations=(
+            None if exact.refined is None else np.asarray(exact.refined.any(axis=(1, 2)))
+        ),
         quadrature_order=exact.quadrature_order,
         labels=exact.labels,
         seconds=dict(exact.seconds),

@@ -31,6 +31,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "n_posterior_samples": args.n_samples,
         "n_exact": args.n_exact,
         "exact_grid_size": args.exact_grid_size,
+        "exact_subcells": args.exact_subcells,
     }
     report = validate_estimator(
         folder,
@@ -96,6 +97,13 @@ def add_parser(commands: Any) -> None:
         default=None,
         help="(m, g) nodes per axis of the exact posterior, interpolated onto the NRE grid "
         "(default: the NRE grid's cell centres, no interpolation)",
+    )
+    parser.add_argument(
+        "--exact-subcells",
+        type=int,
+        default=None,
+        help="sub-nodes per axis in the cells where an exact posterior is narrower than a "
+        "cell, which then get the cell's mean density (default 6; 0 keeps the node values)",
     )
     _add_common(parser)
     parser.set_defaults(handler=cmd_validate)
