@@ -371,6 +371,7 @@ COMMAND_MODULES = (
     "alpnre.commands.limits",
     "alpnre.commands.stack",
     "alpnre.commands.registry",
+    "alpnre.commands.truncate",
 )
 
 
