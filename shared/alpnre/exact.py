@@ -866,7 +866,7 @@ def refine_exact_posterior(
 
     An exact posterior computed at cell centres treats the density at the centre as
     the density of the whole cell. For a strong ALP signal the likelihood changes by
-    hundreds of nats across a cell, so the centre value says little about the cell's
+    hundreds of nats across a cell, so the centre value tells little about the cell's
     probability: the posterior collapses onto the cell whose centre happens to fit
     best, which need not hold the posterior mass. Here the cells that hold ``mass`` of
     an observation's posterior, their eight neighbours and the cell of the true

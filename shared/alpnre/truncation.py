@@ -12,11 +12,11 @@ Estimation"), fixes that for one observation x_o:
 3. simulate new spectra from the truncated prior and train a new estimator on them;
 4. evaluate the posterior of x_o with it, on a grid that now spans only the box.
 
-The truncated estimator's posterior is the full posterior restricted to the box; the
-two agree when the mass outside the box is negligible, which ``threshold`` (1e-6 of the
-peak density by default, as in swyft) ensures for an estimator that is not
-overconfident. The new estimator is amortised over the box only: use it for x_o, not for
-other observations.
+The truncated estimator's posterior is the full posterior restricted to the box. The
+two agree when the mass outside the box is negligible. The default ``threshold``, 1e-6
+of the peak, is the default of ``get_rect_bounds`` in swyft 0.4.5, and it ensures that
+for an estimator that is not overconfident. The new estimator is amortised over the box
+only, so use it for x_o and not for other observations.
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ def truncation_bounds(
         ``{name: (low, high)}``, inside the estimator's prior support.
     """
     if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must lie in (0, 1), got {threshold}; swyft uses 1e-6")
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}: 1e-6 is the default")
     for name in names:
         prior = estimator.config.prior(name)
         if not isinstance(prior, LogUniformPrior | UniformPrior):
             raise ValueError(
-                f"{name} has a {prior.kind} prior; truncation needs a uniform or log_uniform "
-                "prior, whose restriction to a box has the same form"
+                f"{name} has a {prior.kind} prior, but truncation needs a uniform or "
+                "log_uniform prior, whose restriction to a box has the same form"
             )
     posterior = compute_posterior(estimator, x_o, grid_size=_BOUNDS_GRID, marginals=list(names))
     bounds = {}
@@ -110,7 +110,9 @@ def truncated_config(
     for name, (low, high) in bounds.items():
         kind = config.prior(name).kind
         if kind not in ("log_uniform", "uniform"):
-            raise ValueError(f"{name}: cannot truncate a {kind} prior")
+            raise ValueError(
+                f"{name}: cannot truncate a {kind} prior, only uniform and log_uniform ones"
+            )
         data["parameters"][name] = {"kind": kind, "low": low, "high": high}
     data["name"] = f"{config.name}-{suffix}"
     return parse_config(data, source=f"truncation of {config.name}")
