@@ -236,6 +236,27 @@ def test_resume_under_new_stopping_rules(small_run, tmp_path):
     assert len(finished.metrics) == 2
     assert finished.best_epoch in (0, 1)
     assert len(restarted.metrics) == 1
+    assert (tmp_path / "work" / "checkpoint-replaced.pt").exists()
+
+
+def test_resume_checkpoint_with_stopping_rules(small_run, tmp_path):
+    """Checkpoints whose fingerprint still lists max_epochs and patience resume."""
+    data = load_training_data([small_run])
+    longer = TrainingConfig(**{**FAST, "max_epochs": 6})
+    train_estimator(data, longer, tmp_path / "work", progress=False, stop_after_epochs=2)
+    path = tmp_path / "work" / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    fingerprint = json.loads(payload["fingerprint"])
+    fingerprint["training"].update(max_epochs=6, patience=5)
+    payload["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    torch.save(payload, path)
+
+    finished = train_estimator(
+        data, TrainingConfig(**{**FAST, "max_epochs": 2}), tmp_path / "work", progress=False
+    )
+
+    assert len(finished.metrics) == 2
+    assert not (tmp_path / "work" / "checkpoint-replaced.pt").exists()
 
 
 def test_published_estimator_reloads(small_run, tmp_path):

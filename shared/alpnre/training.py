@@ -45,6 +45,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# Settings that decide when a training stops but not what its epochs compute. They are
+# left out of a checkpoint's fingerprint, so a checkpoint resumes under new ones, and
+# rerunning with --max-epochs set to the epochs done publishes the best weights so far.
+_STOPPING_RULES = ("max_epochs", "patience")
 
 
 @dataclass
@@ -275,11 +279,8 @@ def train_estimator(
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay
     )
-    # The stopping rules (max_epochs, patience) do not change the epochs already run, so
-    # a checkpoint resumes under new ones: rerunning with --max-epochs set to the epochs
-    # done publishes the best weights so far.
     fingerprint = {
-        "training": training.model_dump(mode="json", exclude={"max_epochs", "patience"}),
+        "training": training.model_dump(mode="json", exclude=set(_STOPPING_RULES)),
         "data": data.manifest_hashes,
     }
     state = _load_checkpoint(work_dir, fingerprint, model, optimiser) if resume else None
@@ -378,6 +379,18 @@ def _save_checkpoint(
     temporary.replace(work_dir / CHECKPOINT_NAME)
 
 
+def _comparable_fingerprint(text: str) -> dict[str, Any]:
+    """Parse a stored fingerprint without the stopping rules.
+
+    Checkpoints written before the stopping rules left the fingerprint still contain
+    them, and still resume.
+    """
+    fingerprint = json.loads(text)
+    for key in _STOPPING_RULES:
+        fingerprint.get("training", {}).pop(key, None)
+    return fingerprint
+
+
 def _load_checkpoint(
     work_dir: Path,
     fingerprint: dict[str, Any],
@@ -388,8 +401,18 @@ def _load_checkpoint(
     if not path.exists():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload["fingerprint"] != json.dumps(fingerprint, sort_keys=True):
-        log.warning("%s was made with other data or settings; starting afresh", path)
+    if _comparable_fingerprint(payload["fingerprint"]) != json.loads(
+        json.dumps(fingerprint, sort_keys=True)
+    ):
+        # Keep the old checkpoint: a mistyped setting must not cost a long training.
+        kept = path.with_name(f"{path.stem}-replaced{path.suffix}")
+        path.replace(kept)
+        log.warning(
+            "%s was made with other data or settings, so training starts afresh; the old "
+            "checkpoint was moved to %s",
+            path,
+            kept,
+        )
         return None
     model.load_state_dict(payload["model"])
     optimiser.load_state_dict(payload["optimiser"])
