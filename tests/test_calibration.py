@@ -279,10 +279,11 @@ def test_exact_rejected_for_random_fields(trained):
     assert sorted((trained.path).rglob("*")) == before
 
 
-def test_exact_comparison_reported(tmp_path):
-    """An untrained network on a fixed-field config: the comparison runs and is written."""
+def untrained_fixed_field_estimator(folder, **priors):
+    """Save an untrained network for the small config with one B-field realisation."""
     data = small_config_dict()
     data["propagation"] = {"fixed_bfield_seed": 7}
+    data["parameters"].update(priors)
     config = parse_config(data)
     names, one_dim, two_dim = default_heads(config)
     spec = EstimatorSpec(
@@ -292,7 +293,12 @@ def test_exact_comparison_reported(tmp_path):
         two_dim=two_dim,
         training=TrainingConfig(embedding_width=16, n_features=4, head_width=8),
     )
-    folder = save_estimator(tmp_path / "fixed-field", RatioEstimator(spec), config)
+    return save_estimator(folder, RatioEstimator(spec), config)
+
+
+def test_exact_comparison_reported(tmp_path):
+    """An untrained network on a fixed-field config: the comparison runs and is written."""
+    folder = untrained_fixed_field_estimator(tmp_path / "fixed-field")
 
     report = validate_estimator(
         folder,
@@ -316,25 +322,14 @@ def test_exact_comparison_reported(tmp_path):
     assert (folder / "validation" / "exact.png").stat().st_size > 10_000
 
 
-def test_exact_comparison_on_nre_grid_refines_narrow_posteriors(tmp_path):
+def test_exact_on_nre_grid_refines_cells(tmp_path):
     """On the NRE grid the exact posteriors of strong signals get cell averages."""
-    data = small_config_dict()
-    data["propagation"] = {"fixed_bfield_seed": 7}
     # Strong signals only, so that every exact posterior is narrower than a cell.
-    data["parameters"].update(
+    folder = untrained_fixed_field_estimator(
+        tmp_path / "strong",
         m_neV={"kind": "log_uniform", "low": 10.0, "high": 100.0},
         g_per_gev={"kind": "log_uniform", "low": 3e-11, "high": 1e-10},
     )
-    config = parse_config(data)
-    names, one_dim, two_dim = default_heads(config)
-    spec = EstimatorSpec(
-        n_bins=config.observation.n_energy_bins,
-        axes=parameter_axes(config, names),
-        one_dim=one_dim,
-        two_dim=two_dim,
-        training=TrainingConfig(embedding_width=16, n_features=4, head_width=8),
-    )
-    folder = save_estimator(tmp_path / "strong", RatioEstimator(spec), config)
 
     report = validate_estimator(
         folder,
