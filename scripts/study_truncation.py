@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--grid-size", type=int, default=64, help="cells per axis of the box")
+    parser.add_argument("--threshold", type=float, default=1e-6, help="see alpnre truncate")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     output = Path(args.output)
@@ -121,6 +122,7 @@ def main() -> None:
             n_simulations=args.n_simulations,
             batch_size=max(50, args.n_simulations // 10),
             seed=args.seed + k,
+            threshold=args.threshold,
             training=training,
             truth=truth,
             progress=False,

@@ -13,7 +13,7 @@ from alpnre.nre import TrainingConfig
 from alpnre.posterior import compute_posterior
 from alpnre.registry import load_estimator, save_estimator
 from alpnre.training import load_training_data, train_estimator
-from alpnre.truncation import _prior_fraction, truncated_config, truncation_bounds
+from alpnre.truncation import _prior_fraction, truncate, truncated_config, truncation_bounds
 from conftest import small_config_dict
 
 TINY = {
@@ -100,7 +100,10 @@ def test_truncate_command_writes_a_round(estimator, tmp_path):
             "--batch-size",
             "200",
             "--threshold",
-            "1e-3",
+            "0.1",
+            # The test estimator is barely trained, so its box is most of the prior.
+            "--max-prior-fraction",
+            "1",
             "--max-epochs",
             "2",
             "--workers",
@@ -121,3 +124,13 @@ def test_truncate_command_writes_a_round(estimator, tmp_path):
     assert grid.min() == pytest.approx(math.log10(low))
     assert grid.max() == pytest.approx(math.log10(high))
     assert (tmp_path / "round" / "posterior.png").stat().st_size > 10_000
+
+
+def test_round_rejected_when_box_is_the_prior(estimator, tmp_path):
+    """A box that holds the whole prior stops the round before any simulation."""
+    loaded, data = estimator
+
+    with pytest.raises(ValueError, match="raise --threshold"):
+        truncate(loaded, _observation(data), tmp_path / "round", n_simulations=400, threshold=1e-12)
+
+    assert not (tmp_path / "round" / "simulations").exists()

@@ -48,6 +48,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 1e-6
+# A box holding more of the prior mass than this is not worth a round of simulations.
+MAX_PRIOR_FRACTION = 0.9
 DEFAULT_NAMES = ("m_neV", "g_per_gev")
 # Points per axis of the 1-dim marginals that set the bounds.
 _BOUNDS_GRID = 400
@@ -162,6 +164,7 @@ def truncate(
     names: Sequence[str] = DEFAULT_NAMES,
     training: TrainingConfig | None = None,
     grid_size: int = 100,
+    max_prior_fraction: float = MAX_PRIOR_FRACTION,
     truth: dict[str, float] | None = None,
     workers: int | None = None,
     progress: bool = True,
@@ -183,6 +186,9 @@ def truncate(
         Settings of the new estimator; default those of ``estimator``.
     grid_size : int
         Points per axis of the posterior of x_o.
+    max_prior_fraction : float
+        Largest fraction of the prior mass the box may hold; a wider box raises
+        ValueError before any simulation, because the round would repeat the prior.
     """
     from alpnre.cli import train_and_save
     from alpnre.runs import simulate_run
@@ -192,6 +198,12 @@ def truncate(
     start = time.perf_counter()
     bounds = truncation_bounds(estimator, x_o, names=names, threshold=threshold)
     fraction = _prior_fraction(estimator.config, bounds)
+    if fraction > max_prior_fraction:
+        raise ValueError(
+            f"the 1-dim posteriors exceed {threshold:g} of their peak on {fraction:.1%} of the "
+            "prior, so a truncated round would simulate almost the same prior again: raise "
+            "--threshold (for example to 1e-3) or start from a better-trained estimator"
+        )
     config = truncated_config(estimator.config, bounds)
     log.info(
         "truncated prior: %s, %.3g of the prior mass",

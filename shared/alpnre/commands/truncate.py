@@ -41,6 +41,7 @@ def cmd_truncate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         training=training,
         grid_size=args.grid_size,
+        max_prior_fraction=args.max_prior_fraction,
         truth=truth,
         workers=args.workers,
         progress=not args.no_progress,
@@ -86,6 +87,12 @@ def add_parser(commands: Any) -> None:
         "--max-epochs", type=int, default=None, help="default: the estimator's own setting"
     )
     parser.add_argument("--grid-size", type=int, default=100, help="posterior grid points per axis")
+    parser.add_argument(
+        "--max-prior-fraction",
+        type=float,
+        default=0.9,
+        help="stop without simulating when the box holds more of the prior mass (default 0.9)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="simulation processes")
     _add_common(parser)
     parser.set_defaults(handler=cmd_truncate)
