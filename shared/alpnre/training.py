@@ -405,13 +405,13 @@ def _load_checkpoint(
         json.dumps(fingerprint, sort_keys=True)
     ):
         # Keep the old checkpoint: a mistyped setting must not cost a long training.
-        kept = path.with_name(f"{path.stem}-replaced{path.suffix}")
-        path.replace(kept)
+        replaced_path = path.with_name(f"{path.stem}-replaced{path.suffix}")
+        path.replace(replaced_path)
         log.warning(
-            "%s was made with other data or settings, so training starts afresh; the old "
+            "%s was made with other data or settings, so training starts afresh. The old "
             "checkpoint was moved to %s",
             path,
-            kept,
+            replaced_path,
         )
         return None
     model.load_state_dict(payload["model"])
