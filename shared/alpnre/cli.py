@@ -79,49 +79,9 @@ def _training_config(args: argparse.Namespace) -> Any:
     return TrainingConfig.model_validate(values)
 
 
-def train_and_save(
-    run_dirs: Sequence[str | Path],
-    output: Path,
-    training: Any,
-    *,
-    progress: bool = True,
-    registry: Path | None = None,
-) -> Path:
-    """Train on runs, save the estimator to ``output`` (and publish it to ``registry``)."""
-    from alpnre.registry import new_estimator_id, publish_estimator, save_estimator
-    from alpnre.training import load_training_data, train_estimator
-
-    data = load_training_data(list(run_dirs))
-    result = train_estimator(data, training, output / "work", progress=progress)
-    extra = {
-        "best_epoch": result.best_epoch,
-        "n_dropped_rows": result.n_dropped_rows,
-        "data_manifest_hashes": result.data_manifest_hashes,
-        "training_seconds": result.seconds,
-        "n_training_files": len(result.training_files),
-        "n_validation_files": len(result.validation_files),
-        "validation_files": result.validation_files,
-        "energy_edges_tev": data.energy_edges_tev,
-        "irf_id": data.manifests[0].irf_id,
-        "irf_is_approximation": data.manifests[0].irf_is_approximation,
-    }
-    folder = save_estimator(
-        output / "estimator",
-        result.model,
-        result.config,
-        estimator_id=new_estimator_id(result.config.name),
-        metrics=result.metrics,
-        extra=extra,
-    )
-    if registry is not None:
-        estimator_id = publish_estimator(
-            registry, result.model, result.config, metrics=result.metrics, extra=extra
-        )
-        log.info("published as %s in %s", estimator_id, registry)
-    return folder
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from alpnre.training import train_and_save
+
     training = _training_config(args)
     folder = train_and_save(
         args.data, args.output, training, progress=not args.no_progress, registry=args.registry
@@ -201,6 +161,8 @@ DEMO_TRUTH = {"m_neV": 30.0, "g_per_gev": 5e-11}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from alpnre.training import train_and_save
+
     """Simulate, train, and infer the ALP parameters of a mock observation with a signal."""
     import numpy as np
 

@@ -58,7 +58,7 @@ from alpnre.physics.alp import survival_probability_batch
 from alpnre.physics.irf import InstrumentResponse, load_instrument_response
 from alpnre.physics.spectrum import REFERENCE_ENERGY_TEV, bin_centers_tev
 from alpnre.priors import LogUniformPrior, NormalPrior, TruncatedNormalPrior
-from alpnre.validation import jensen_shannon_divergence
+from alpnre.validation import hpd_threshold, jensen_shannon_divergence
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -830,19 +830,14 @@ def _uniform_spacing(grid: np.ndarray, name: str) -> float:
 def _cells_to_refine(
     probabilities: np.ndarray, mass: float, max_cells: int, extra: Sequence[tuple[int, int]]
 ) -> np.ndarray | None:
-    """Boolean mask of the cells holding ``mass`` of the posterior, their neighbours and ``extra``.
+    """Mask the HPD cells that contain ``mass`` of the posterior, their neighbours and ``extra``.
 
     Returns None when more than ``max_cells`` cells are needed before adding neighbours:
     such a posterior spreads over many cells and the node values describe it.
     """
-    order = np.argsort(probabilities, axis=None)[::-1]
-    cumulative = np.cumsum(probabilities.ravel()[order])
-    n_cells = int(np.searchsorted(cumulative, mass)) + 1
-    if n_cells > max_cells:
+    core = probabilities >= hpd_threshold(probabilities, mass)
+    if int(core.sum()) > max_cells:
         return None
-    core = np.zeros(probabilities.size, dtype=bool)
-    core[order[:n_cells]] = True
-    core = core.reshape(probabilities.shape)
     for i, j in extra:
         core[i, j] = True
     # Neighbours: the posterior of a strong signal can sit in a cell whose centre fits
@@ -866,9 +861,9 @@ def refine_exact_posterior(
 
     An exact posterior computed at cell centres treats the density at the centre as
     the density of the whole cell. For a strong ALP signal the likelihood changes by
-    hundreds of nats across a cell, so the centre value tells little about the cell's
+    hundreds of nats across a cell, so the centre value is a poor estimate of the cell's
     probability: the posterior collapses onto the cell whose centre happens to fit
-    best, which need not hold the posterior mass. Here the cells that hold ``mass`` of
+    best, which need not contain the posterior mass. Here the cells that contain ``mass`` of
     an observation's posterior, their eight neighbours and the cell of the true
     parameters (when ``truths`` are given) get ``subcells`` x ``subcells`` sub-nodes,
     and the cell's log density becomes the log of the mean density over them, a
@@ -1194,8 +1189,6 @@ def plot_exact_comparison(
         True parameters of the example observations, marked with a star.
     """
     from matplotlib.figure import Figure
-
-    from alpnre.validation import hpd_threshold
 
     n_examples = len(comparison.examples)
     figure = Figure(figsize=(3.6 * (n_examples + 1), 3.6), layout="constrained")
