@@ -313,15 +313,17 @@ def test_truth_cell_refined_and_broad_posteriors_left_alone():
     untouched = refine_exact_posterior(flat, config, counts, subcells=2, max_cells=25)
     assert not untouched.refined.any()
     np.testing.assert_array_equal(untouched.log_density, flat.log_density)
-    # One cell raised by 1 nat holds 4 % of the mass, more than `mass`, so it alone is
-    # refined; the truth's cell and the neighbours of both are refined too.
+    # One cell raised by 1 nat contains 4 % of the mass, more than `mass`, so it alone
+    # is refined. The truth's cell and the neighbours of both are refined too.
     flat.log_density[0, 0, 0] += 1.0
     with_truth = refine_exact_posterior(
         flat, config, counts, subcells=2, mass=0.01, truths=np.array([[grid_x[6], grid_y[1]]])
     )
 
-    assert with_truth.refined[0, 6, 1] and with_truth.refined[0, 7, 2]
-    assert with_truth.refined[0, 0, 0] and with_truth.refined[0, 1, 1]
+    assert with_truth.refined[0, 6, 1]
+    assert with_truth.refined[0, 7, 2]
+    assert with_truth.refined[0, 0, 0]
+    assert with_truth.refined[0, 1, 1]
     assert with_truth.refined[0].sum() == 4 + 9
 
 

@@ -127,10 +127,26 @@ def test_truncate_command_writes_a_round(estimator, tmp_path):
 
 
 def test_round_rejected_when_box_is_the_prior(estimator, tmp_path):
-    """A box that holds the whole prior stops the round before any simulation."""
+    """A box that contains the whole prior stops the round before any simulation."""
     loaded, data = estimator
 
     with pytest.raises(ValueError, match="raise --threshold"):
         truncate(loaded, _observation(data), tmp_path / "round", n_simulations=400, threshold=1e-12)
 
     assert not (tmp_path / "round" / "simulations").exists()
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5, float("nan")])
+def test_round_rejects_bad_prior_fraction(estimator, tmp_path, fraction):
+    loaded, data = estimator
+
+    with pytest.raises(ValueError, match="max_prior_fraction must lie in"):
+        truncate(
+            loaded,
+            _observation(data),
+            tmp_path / "round",
+            n_simulations=400,
+            max_prior_fraction=fraction,
+        )
+
+    assert not (tmp_path / "round").exists()

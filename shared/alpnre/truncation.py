@@ -190,9 +190,14 @@ def truncate(
         Largest fraction of the prior mass the box may hold; a wider box raises
         ValueError before any simulation, because the round would repeat the prior.
     """
-    from alpnre.cli import train_and_save
     from alpnre.runs import simulate_run
+    from alpnre.training import train_and_save
 
+    if not 0.0 < max_prior_fraction <= 1.0:
+        raise ValueError(
+            f"max_prior_fraction must lie in (0, 1], got {max_prior_fraction}: it is the "
+            "largest share of the prior mass a truncated box may keep, 0.9 by default"
+        )
     output = Path(output)
     seconds: dict[str, float] = {}
     start = time.perf_counter()

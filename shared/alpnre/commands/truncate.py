@@ -91,7 +91,8 @@ def add_parser(commands: Any) -> None:
         "--max-prior-fraction",
         type=float,
         default=0.9,
-        help="stop without simulating when the box holds more of the prior mass (default 0.9)",
+        help="largest fraction of the prior mass the box may contain; a wider box stops the "
+        "command before it simulates (default 0.9)",
     )
     parser.add_argument("--workers", type=int, default=None, help="simulation processes")
     _add_common(parser)
