@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -11,15 +12,18 @@ from alpnre.calibration import _ProductLogRatios
 from alpnre.config import parse_config
 from alpnre.nre import (
     ChannelRatioHead,
+    EinsumLinearWithChannel,
     EstimatorSpec,
     RatioEstimator,
     ThetaEncoding,
     TrainingConfig,
     default_heads,
+    nre_loss,
     parameter_axes,
 )
 from alpnre.posterior import _log_ratios_2d, _shared_features_log_ratios
 from conftest import small_config_dict
+from swyft.networks.channelized import LinearWithChannel
 
 N_BINS = 40
 
@@ -83,6 +87,36 @@ def test_encoded_heads_widen_only_the_first_layer():
     # (channels, hidden, n_features + 2) against (channels, hidden, n_features + 2 * 9)
     assert first_encoded[2] - first_plain[2] == 2 * 8
     assert first_encoded[:2] == first_plain[:2]
+
+
+@pytest.mark.parametrize("theta_frequencies", [0, 5])
+def test_einsum_layers_match_swyft_values_and_gradients(theta_frequencies):
+    """Training with the einsum layers follows the same loss surface as swyft's layers."""
+    # Evaluation mode switches dropout off: its masks depend on the memory layout of
+    # each layer's output, which differs between the two layer forms.
+    model = _model(theta_frequencies, seed=3).eval()
+    layers = [m for m in model.modules() if isinstance(m, LinearWithChannel)]
+    assert layers and all(type(m) is EinsumLinearWithChannel for m in layers)
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, LinearWithChannel):
+            module.__class__ = LinearWithChannel
+    assert reference.state_dict().keys() == model.state_dict().keys()
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.poisson(torch.full((64, N_BINS), 20.0), generator=generator)
+    theta = torch.rand((64, len(model.spec.axes)), generator=generator) * 2 - 1
+    losses = []
+    for network in (model, reference):
+        loss = nre_loss(network, x, theta, bnre_lambda=10.0)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, fast), (_, slow) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        assert fast.grad is not None, name
+        torch.testing.assert_close(fast.grad, slow.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("theta_frequencies", [0, 5])

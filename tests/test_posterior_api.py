@@ -621,24 +621,6 @@ def test_figures_embedded_on_request(client, estimator_id, simulated):
 # --- inference ---------------------------------------------------------------------------
 
 
-def test_einsum_layers_match_swyft(registry, estimator_id):
-    from alpnre.posterior import _use_einsum_channel_layers
-
-    estimator = load_estimator(registry[0] / "estimators" / estimator_id)
-    reference = load_estimator(registry[0] / "estimators" / estimator_id)
-    generator = torch.Generator().manual_seed(3)
-    x = torch.poisson(torch.full((64, N_BINS), 20.0), generator=generator)
-    theta = torch.rand((64, len(estimator.spec.axes)), generator=generator) * 2 - 1
-
-    _use_einsum_channel_layers(estimator.model)
-    with torch.no_grad():
-        fast = estimator.model(x, theta)
-        slow = reference.model(x, theta)
-
-    for key in ("1d", "2d"):
-        torch.testing.assert_close(fast[key], slow[key], rtol=1e-5, atol=1e-5)
-
-
 def test_2d_head_alone_matches_full_forward(registry, estimator_id):
     from alpnre.posterior import _log_ratios_2d
 

@@ -371,13 +371,8 @@ class _ProductLogRatios:
             hidden_state = feature_part[start : start + chunk, None] + block_part[None]
             for block in net.blocks:
                 hidden_state = _residual_block(block, hidden_state)
-            out.append(_channel_linear(net.final_layer, hidden_state)[..., 0])
+            out.append(net.final_layer(hidden_state)[..., 0])
         return torch.cat(out)
-
-
-def _channel_linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """swyft's ``LinearWithChannel`` on x (..., channels, in) as one batched product."""
-    return torch.einsum("...ci,coi->...co", x, layer.weights) + layer.bias
 
 
 def _channel_batch_norm(layer: Any, x: torch.Tensor) -> torch.Tensor:
@@ -395,10 +390,10 @@ def _channel_batch_norm(layer: Any, x: torch.Tensor) -> torch.Tensor:
 def _residual_block(block: Any, x: torch.Tensor) -> torch.Tensor:
     """swyft's ``ResidualBlockWithChannel`` in evaluation mode (dropout off)."""
     y = _channel_batch_norm(block.batch_norm_layers[0], x) if block.use_batch_norm else x
-    y = _channel_linear(block.linear_layers[0], block.activation(y))
+    y = block.linear_layers[0](block.activation(y))
     if block.use_batch_norm:
         y = _channel_batch_norm(block.batch_norm_layers[1], y)
-    y = _channel_linear(block.linear_layers[1], block.activation(y))
+    y = block.linear_layers[1](block.activation(y))
     return x + y
 
 

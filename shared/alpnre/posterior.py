@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,28 +87,6 @@ def check_observation(counts: Any, n_bins: int) -> np.ndarray:
             "observed event counts, not rates or excess"
         )
     return x
-
-
-def _channel_linear_einsum(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """Forward of swyft's ``LinearWithChannel`` as one GEMM per channel.
-
-    swyft computes ``matmul(weights, x[..., None])``, a batch of B x C matrix-vector
-    products. For 10^4 grid points and 32 features that took 20-30 ms per layer on a
-    2-core x86 CPU, and this einsum about 1 ms, with the same values to float32 rounding.
-    """
-    return torch.einsum("coi,...ci->...co", layer.weights, x) + layer.bias
-
-
-def _use_einsum_channel_layers(model: torch.nn.Module) -> None:
-    """Switch the channelized linear layers of ``model`` (this instance only) to the einsum form."""
-    from swyft.networks.channelized import LinearWithChannel
-
-    if getattr(model, "_einsum_channel_layers", False):
-        return
-    for module in model.modules():
-        if isinstance(module, LinearWithChannel):
-            module.forward = types.MethodType(_channel_linear_einsum, module)  # type: ignore[method-assign]
-    model._einsum_channel_layers = True  # type: ignore[assignment]
 
 
 def _log_ratios_2d(model: Any, features: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -408,7 +385,6 @@ def compute_posterior(
         raise ValueError(f"no 1-dim estimator for {unknown}; available: {spec.one_dim}")
 
     model = estimator.model
-    _use_einsum_channel_layers(model)
     device = next(model.parameters()).device
     features = model.embedding(torch.as_tensor(x[None, :], dtype=torch.float32, device=device))
     n_params = len(spec.axes)
