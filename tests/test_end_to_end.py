@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from alpnre.cli import main
 from alpnre.config import parse_config
 from alpnre.nre import TrainingConfig
@@ -45,8 +46,9 @@ def test_cli_simulate_train_posterior(tmp_path, monkeypatch):
         )
         == 0
     )
-    assert (
-        main(
+    threads = torch.get_num_threads()
+    try:
+        code = main(
             [
                 "train",
                 "--data",
@@ -57,11 +59,15 @@ def test_cli_simulate_train_posterior(tmp_path, monkeypatch):
                 "1",
                 "--batch-size",
                 "32",
+                "--threads",
+                "1",
                 "--no-progress",
             ]
         )
-        == 0
-    )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
     assert (
         main(
             [
@@ -84,6 +90,15 @@ def test_cli_simulate_train_posterior(tmp_path, monkeypatch):
     payload = json.loads((tmp_path / "post" / "posterior.json").read_text())
     assert set(payload["truth"]) >= {"m_neV", "g_per_gev"}
     assert (tmp_path / "post" / "posterior.png").stat().st_size > 10_000
+
+
+def test_cli_train_rejects_zero_threads(tmp_path, caplog):
+    code = main(
+        ["train", "--data", str(tmp_path), "--output", str(tmp_path / "est"), "--threads", "0"]
+    )
+    assert code == 2
+    assert "--threads must be at least 1, got 0" in caplog.text
+    assert not (tmp_path / "est").exists()
 
 
 def test_cli_reports_bad_observation(tmp_path, caplog):

@@ -83,6 +83,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from alpnre.training import train_and_save
 
     training = _training_config(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     folder = train_and_save(
         args.data, args.output, training, progress=not args.no_progress, registry=args.registry
     )
@@ -270,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bnre-lambda", type=float, default=None, help="0 gives plain NRE")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on the CPU (default: one per core); 1 is often several times "
+        "faster while other processes keep the cores busy",
+    )
     train.add_argument(
         "--nuisance-marginals",
         nargs="*",
