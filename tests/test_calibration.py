@@ -18,6 +18,7 @@ import torch
 from alpnre.calibration import (
     REPORT_SCHEMA_VERSION,
     default_validation_seed,
+    densities_at_truths,
     grid_posteriors,
     simulate_held_out,
     validate_estimator,
@@ -253,6 +254,50 @@ def test_sharpened_estimator_overconfident(trained, held_out):
     assert report.verdict == "overconfident"
 
 
+def test_report_records_grid_check(validated):
+    _, payload = validated
+    for key, coverage in payload["coverage"].items():
+        check = coverage["grid_check"]
+        assert len(check["ecp_density_at_truth"]) == len(coverage["levels"]), key
+        assert check["max_ecp_difference"] >= 0.0, key
+        assert isinstance(check["resolved"], bool), key
+
+
+def test_grid_check_flat_posterior_resolved(trained, held_out):
+    """A data-blind estimator has a flat posterior: both truth densities agree exactly."""
+    model = copy.deepcopy(trained.model)
+    with torch.no_grad():
+        for head in (model.head_1d, model.head_2d):
+            head.classifier.net.final_layer.weights.zero_()
+            head.classifier.net.final_layer.bias.zero_()
+    blind = variant(trained, model, "data-blind")
+
+    report = validate_estimator(
+        blind, held_out=held_out, grid_size=8, n_posterior_samples=100, write=False
+    )
+
+    assert report.unresolved_marginals() == []
+    for key in report.coverage:
+        assert report.grid_check(key)["max_ecp_difference"] < 1e-9, key
+
+
+def test_grid_check_flags_coarse_grid(trained, held_out):
+    """Posteriors sharpened 20 times are narrower than the cells of an 8-cell grid."""
+    model = Sharpened(trained.spec, factor=20.0)
+    model.load_state_dict(trained.model.state_dict())
+    sharpened = variant(trained, model, "sharpened")
+
+    report = validate_estimator(
+        sharpened, held_out=held_out, grid_size=8, n_posterior_samples=100, write=False
+    )
+
+    unresolved = report.unresolved_marginals()
+    assert unresolved
+    for key in unresolved:
+        labels = " x ".join(report.labels[key])
+        assert f"grid check {labels}: not resolved" in report.summary(), key
+
+
 def test_fast_grid_evaluation_matches_forward(trained, held_out):
     """The batched evaluation equals the network's own forward (a pass-through subclass)."""
     model = Sharpened(trained.spec, factor=1.0)
@@ -267,6 +312,20 @@ def test_fast_grid_evaluation_matches_forward(trained, held_out):
         np.testing.assert_allclose(
             marginal.probabilities, expected.probabilities, rtol=1e-3, atol=1e-7
         )
+
+
+def test_densities_at_truths_match_cell_centres(trained, held_out):
+    """At cell centres, the density at the truth equals that cell's grid probability."""
+    counts = held_out.counts[:5]
+    rng = np.random.default_rng(0)
+
+    for marginal in grid_posteriors(trained, counts, grid_size=12):
+        index = rng.integers(0, 12, size=(5, len(marginal.names)))
+        truths = np.stack([grid[index[:, d]] for d, grid in enumerate(marginal.grids)], axis=1)
+        values = densities_at_truths(trained, counts, marginal, truths)
+
+        expected = marginal.probabilities[(np.arange(5), *index.T)]
+        np.testing.assert_allclose(values, expected, rtol=1e-3, err_msg=marginal.key)
 
 
 # --- the exact-likelihood comparison ---------------------------------------------------

@@ -222,6 +222,46 @@ def test_hpd_credibility_interpolates_between_nodes():
     assert hpd_credibility(density, axis, 2.5) == pytest.approx(expected)
 
 
+def test_hpd_credibility_uses_density_at_truth():
+    # A peak 0.2 cells wide, centred between nodes 9 and 10: interpolation gives the
+    # nodes' own density at the peak, so both central cells tie with the truth.
+    axis = np.arange(20.0)
+    log_density = stats.norm.logpdf(axis, 9.5, 0.2)
+    log_peak = float(stats.norm.logpdf(9.5, 9.5, 0.2))
+
+    interpolated = hpd_credibility(log_density, axis, 9.5, is_log=True)
+    at_peak = hpd_credibility(log_density, axis, 9.5, is_log=True, density_at_truth=log_peak)
+    linear = hpd_credibility(np.exp(log_density), axis, 9.5, density_at_truth=np.exp(log_peak))
+
+    assert interpolated == pytest.approx(0.5, abs=1e-6)
+    assert at_peak == 0.0
+    assert linear == 0.0
+
+
+def test_hpd_credibility_density_at_truth_ranks_cells():
+    density = np.arange(1.0, 11.0)
+    axis = np.arange(10.0)
+    # 3.5 on the scale of the density: the cells with p >= 4 lie above it.
+    expected = density[density >= 4].sum() / density.sum()
+
+    assert hpd_credibility(density, axis, 0.0, density_at_truth=3.5) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "is_log"), [(float("nan"), False), (-1.0, False), (float("inf"), True)]
+)
+def test_hpd_credibility_invalid_density_at_truth(value, is_log):
+    with pytest.raises(ValueError, match="density_at_truth must be a finite density"):
+        hpd_credibility(np.ones(5), np.arange(5.0), 2.0, is_log=is_log, density_at_truth=value)
+
+
+def test_hpd_credibilities_density_count_mismatch():
+    with pytest.raises(ValueError, match="densities_at_truth has 2 values for 3 simulations"):
+        hpd_credibilities(
+            np.ones((3, 5)), np.arange(5.0), np.full(3, 2.0), densities_at_truth=np.ones(2)
+        )
+
+
 def test_hpd_credibility_splits_tied_mass():
     density = np.array([1.0, 1.0, 2.0])
     axis = np.arange(3.0)
