@@ -792,9 +792,20 @@ def _coverage_figure(report: ValidationReport) -> Any:
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys, strict=True):
         plot_coverage(report.coverage[key], ax=ax)
-        ax.set_title(
-            f"{' x '.join(report.labels[key])}\n{report.coverage[key].verdict}", fontsize=9
-        )
+        title = f"{' x '.join(report.labels[key])}\n{report.coverage[key].verdict}"
+        at_truth = report.ecp_at_truth.get(key)
+        if at_truth is not None:
+            ax.plot(
+                report.coverage[key].levels,
+                at_truth,
+                color="tab:orange",
+                linestyle="--",
+                label="grid check: density at the truth",
+            )
+            ax.legend(loc="upper left", fontsize=8)
+            if key in report.unresolved_marginals():
+                title += f", grid of {report.grid_size} not resolved"
+        ax.set_title(title, fontsize=9)
     figure.suptitle(f"HPD coverage of {report.estimator_id}, {report.n_simulations} simulations")
     return figure
 
