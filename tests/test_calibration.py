@@ -221,14 +221,18 @@ def test_held_out_differs_from_run_with_same_seed(trained):
 # --- estimators of known calibration ----------------------------------------------------
 
 
-def test_data_blind_estimator_calibrated(trained, held_out):
+def data_blind(estimator: LoadedEstimator) -> LoadedEstimator:
     """Zeroed output layers make every log-ratio 0, so the posterior is the prior."""
-    model = copy.deepcopy(trained.model)
+    model = copy.deepcopy(estimator.model)
     with torch.no_grad():
         for head in (model.head_1d, model.head_2d):
             head.classifier.net.final_layer.weights.zero_()
             head.classifier.net.final_layer.bias.zero_()
-    blind = variant(trained, model, "data-blind")
+    return variant(estimator, model, "data-blind")
+
+
+def test_data_blind_estimator_calibrated(trained, held_out):
+    blind = data_blind(trained)
 
     report = validate_estimator(
         blind, held_out=held_out, grid_size=24, n_posterior_samples=200, write=False
@@ -265,12 +269,7 @@ def test_report_records_grid_check(validated):
 
 def test_grid_check_flat_posterior_resolved(trained, held_out):
     """A data-blind estimator has a flat posterior: both truth densities agree exactly."""
-    model = copy.deepcopy(trained.model)
-    with torch.no_grad():
-        for head in (model.head_1d, model.head_2d):
-            head.classifier.net.final_layer.weights.zero_()
-            head.classifier.net.final_layer.bias.zero_()
-    blind = variant(trained, model, "data-blind")
+    blind = data_blind(trained)
 
     report = validate_estimator(
         blind, held_out=held_out, grid_size=8, n_posterior_samples=100, write=False
