@@ -52,6 +52,7 @@ REPORT_KEYS = {
     "alpnre_version",
     "held_out",
     "grid_size",
+    "grid_size_1d",
     "n_posterior_samples",
     "verdict",
     "coverage",
@@ -258,6 +259,33 @@ def test_sharpened_estimator_overconfident(trained, held_out):
     assert report.verdict == "overconfident"
 
 
+def test_report_grids_sizes(validated):
+    report, payload = validated
+    assert payload["grid_size"] == 16
+    # The 1-dim grids default to 1024 cells, the 2-dim grid keeps grid_size.
+    assert payload["grid_size_1d"] == 1024
+    assert len(payload["coverage"]["m_neV"]["grid_check"]["ecp_density_at_truth"]) > 0
+    assert report.cells_per_axis("m_neV") == 1024
+    assert report.cells_per_axis("m_neV__g_per_gev") == 16
+
+
+def test_grid_posteriors_1d_grid_size(trained, held_out):
+    marginals = grid_posteriors(trained, held_out.counts[:3], grid_size=8, grid_size_1d=40)
+
+    one_dim = [m for m in marginals if len(m.names) == 1]
+    two_dim = [m for m in marginals if len(m.names) == 2]
+    assert all(m.probabilities.shape == (3, 40) for m in one_dim)
+    assert all(m.probabilities.shape == (3, 8, 8) for m in two_dim)
+
+
+@pytest.mark.parametrize("grid_size_1d", [7, 16385])
+def test_grid_size_1d_out_of_range_rejected(trained, grid_size_1d):
+    with pytest.raises(
+        ValueError, match=f"grid_size_1d must lie in \\[8, 16384\\], got {grid_size_1d}"
+    ):
+        validate_estimator(trained, n_simulations=20, grid_size_1d=grid_size_1d, write=False)
+
+
 def test_report_records_grid_check(validated):
     _, payload = validated
     for key, coverage in payload["coverage"].items():
@@ -287,7 +315,12 @@ def test_grid_check_flags_coarse_grid(trained, held_out):
     sharpened = variant(trained, model, "sharpened")
 
     report = validate_estimator(
-        sharpened, held_out=held_out, grid_size=8, n_posterior_samples=100, write=False
+        sharpened,
+        held_out=held_out,
+        grid_size=8,
+        grid_size_1d=8,
+        n_posterior_samples=100,
+        write=False,
     )
 
     unresolved = report.unresolved_marginals()

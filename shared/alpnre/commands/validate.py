@@ -28,6 +28,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "n_simulations": args.n,
         "seed": args.seed,
         "grid_size": args.grid_size,
+        "grid_size_1d": args.grid_size_1d,
         "n_posterior_samples": args.n_samples,
         "n_exact": args.n_exact,
         "exact_grid_size": args.exact_grid_size,
@@ -72,6 +73,12 @@ def add_parser(commands: Any) -> None:
         type=int,
         default=None,
         help="posterior grid cells per parameter axis (default 64)",
+    )
+    parser.add_argument(
+        "--grid-size-1d",
+        type=int,
+        default=None,
+        help="cells of the 1-dim posterior grids (default: the larger of --grid-size and 1024)",
     )
     parser.add_argument(
         "--n-samples",
