@@ -52,7 +52,7 @@ NETWORKS = {
 
 
 def build_model(training: TrainingConfig) -> RatioEstimator:
-    """The standard estimator of the default config with ``training``'s network."""
+    """Build the standard estimator of the default config with ``training``'s network."""
     config = load_config(CONFIG)
     names, one_dim, two_dim = default_heads(config)
     spec = EstimatorSpec(
@@ -67,7 +67,7 @@ def build_model(training: TrainingConfig) -> RatioEstimator:
 
 
 def with_layer_class(model: RatioEstimator, layer_class: type) -> RatioEstimator:
-    """A copy of ``model`` whose channelled layers are of ``layer_class``."""
+    """Return a copy of ``model`` whose channelled layers are of ``layer_class``."""
     copied = copy.deepcopy(model)
     for module in copied.modules():
         if isinstance(module, LinearWithChannel):

@@ -259,7 +259,7 @@ def test_sharpened_estimator_overconfident(trained, held_out):
     assert report.verdict == "overconfident"
 
 
-def test_report_grids_sizes(validated):
+def test_report_grid_sizes(validated):
     report, payload = validated
     assert payload["grid_size"] == 16
     # The 1-dim grids default to 1024 cells, the 2-dim grid keeps grid_size.

@@ -90,7 +90,7 @@ def test_encoded_heads_widen_only_the_first_layer():
 
 
 @pytest.mark.parametrize("theta_frequencies", [0, 5])
-def test_einsum_layers_match_swyft_values_and_gradients(theta_frequencies):
+def test_einsum_layers_match_swyft(theta_frequencies):
     """Training with the einsum layers follows the same loss surface as swyft's layers."""
     # Evaluation mode switches dropout off. In training mode the two forms drew
     # different dropout masks from the same torch seed (torch 2.13).

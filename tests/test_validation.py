@@ -238,7 +238,7 @@ def test_hpd_credibility_uses_density_at_truth():
     assert linear == 0.0
 
 
-def test_hpd_credibility_density_at_truth_ranks_cells():
+def test_hpd_credibility_given_truth_density():
     density = np.arange(1.0, 11.0)
     axis = np.arange(10.0)
     # 3.5 on the scale of the density: the cells with p >= 4 lie above it.
