@@ -17,6 +17,8 @@ import pytest
 import torch
 from alpnre.calibration import (
     REPORT_SCHEMA_VERSION,
+    GridMarginal,
+    cell_averaged_probabilities,
     default_validation_seed,
     densities_at_truths,
     grid_posteriors,
@@ -360,6 +362,72 @@ def test_densities_at_truths_match_cell_centres(trained, held_out):
         np.testing.assert_allclose(values, expected, rtol=1e-3, err_msg=marginal.key)
 
 
+def test_cell_averages_match_forward_at_subnodes(trained, held_out):
+    """A cell average is the mean of the network's densities at the 3 x 3 midpoint nodes."""
+    # Sharpened, so that the density varies across a cell and node positions matter.
+    model = Sharpened(trained.spec, factor=50.0)
+    model.load_state_dict(trained.model.state_dict())
+    sharp = variant(trained, model, "sharp")
+    counts = held_out.counts[:3]
+    joint = grid_posteriors(sharp, counts, grid_size=12)[-1]
+    cells = np.zeros((3, 12, 12), dtype=bool)
+    cells[0, 3, 4] = cells[0, 3, 5] = cells[2, 7, 7] = True
+
+    averaged = cell_averaged_probabilities(sharp, counts, joint, cells, subcells=3)
+
+    np.testing.assert_allclose(averaged.sum(axis=(1, 2)), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(averaged[1], joint.probabilities[1], rtol=1e-9)
+    steps = [grid[1] - grid[0] for grid in joint.grids]
+    offsets = np.array([-1.0, 0.0, 1.0]) / 3
+    for k, i, j in np.argwhere(cells):
+        nodes = np.array(
+            [
+                (joint.grids[0][i] + steps[0] * a, joint.grids[1][j] + steps[1] * b)
+                for a in offsets
+                for b in offsets
+            ]
+        )
+        # The network's forward at each sub-node, on the scale of the grid probabilities.
+        repeated = GridMarginal(
+            joint.names,
+            joint.labels,
+            joint.grids,
+            np.repeat(joint.probabilities[k : k + 1], 9, axis=0),
+            np.repeat(joint.log_normaliser[k : k + 1], 9),
+        )
+        densities = densities_at_truths(
+            sharp, np.repeat(counts[k : k + 1], 9, axis=0), repeated, nodes
+        )
+        assert densities.max() > 1.05 * densities.min(), "too flat to test the node positions"
+        mean_density = densities.mean()
+        # Untouched cells keep their values, so ratios to cell (0, 0) are unchanged by the
+        # renormalisation.
+        expected = mean_density / joint.probabilities[k, 0, 0]
+        np.testing.assert_allclose(averaged[k, i, j] / averaged[k, 0, 0], expected, rtol=1e-3)
+
+
+def test_cell_averages_with_one_subcell_keep_centres(trained, held_out):
+    counts = held_out.counts[:2]
+    joint = grid_posteriors(trained, counts, grid_size=8)[-1]
+    cells = np.ones((2, 8, 8), dtype=bool)
+
+    averaged = cell_averaged_probabilities(trained, counts, joint, cells, subcells=1)
+
+    np.testing.assert_allclose(averaged, joint.probabilities, rtol=1e-4, atol=1e-12)
+
+
+def test_cell_averages_reject_bad_input(trained, held_out):
+    counts = held_out.counts[:2]
+    marginals = grid_posteriors(trained, counts, grid_size=8)
+    cells = np.ones((2, 8, 8), dtype=bool)
+    with pytest.raises(ValueError, match="need a 2-dim marginal"):
+        cell_averaged_probabilities(trained, counts, marginals[0], cells, subcells=2)
+    with pytest.raises(ValueError, match="pass the same observations"):
+        cell_averaged_probabilities(trained, counts[:1], marginals[-1], cells, subcells=2)
+    with pytest.raises(ValueError, match="subcells must lie in"):
+        cell_averaged_probabilities(trained, counts, marginals[-1], cells, subcells=0)
+
+
 # --- the exact-likelihood comparison ---------------------------------------------------
 
 
@@ -438,6 +506,7 @@ def test_exact_on_nre_grid_refines_cells(tmp_path):
     assert exact["exact_subcells"] == 2
     assert exact["n_refined"] == 2
     assert len(exact["jsd_nats_node_values"]["values"]) == 2
+    assert len(exact["jsd_nats_nre_centres"]["values"]) == 2
     with pytest.raises(ValueError, match="exact_subcells must be 0"):
         validate_estimator(folder, n_simulations=20, exact=True, exact_subcells=1)
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import special
 
 import alpnre
 from alpnre.config import AnalysisConfig, config_hash
@@ -58,6 +59,7 @@ from alpnre.exact import (
     exact_posterior,
     plot_exact_comparison,
     refine_exact_posterior,
+    subcell_nodes,
 )
 from alpnre.nre import ParameterAxis, RatioEstimator
 from alpnre.physics.irf import InstrumentResponse, load_instrument_response
@@ -82,6 +84,7 @@ __all__ = [
     "GridMarginal",
     "HeldOutSet",
     "ValidationReport",
+    "cell_averaged_probabilities",
     "default_validation_seed",
     "densities_at_truths",
     "grid_posteriors",
@@ -560,6 +563,81 @@ def densities_at_truths(
     return np.exp(log_density - marginal.log_normaliser)
 
 
+@torch.inference_mode()
+def cell_averaged_probabilities(
+    estimator: LoadedEstimator,
+    counts: np.ndarray,
+    marginal: GridMarginal,
+    cells: np.ndarray,
+    subcells: int,
+) -> np.ndarray:
+    """Replace a 2-dim marginal's centre values by cell averages in the given cells.
+
+    :func:`alpnre.exact.refine_exact_posterior` gives the exact posterior of a strong
+    signal the mean density over ``subcells`` x ``subcells`` sub-nodes of each cell
+    that holds its mass. Comparing that with the NRE's density at the cell centres
+    would compare two quadratures: a sharp NRE posterior whose peak sits off the
+    centre would lose mass to the rule, not to its own error. Here the NRE gets the
+    same sub-nodes (:func:`alpnre.exact.subcell_nodes`) in the same cells.
+
+    Parameters
+    ----------
+    estimator : LoadedEstimator
+    counts : ndarray, shape (n_obs, n_bins)
+        The observations of ``marginal``, in the same order.
+    marginal : GridMarginal
+        A 2-dim output of :func:`grid_posteriors` with its ``log_normaliser``.
+    cells : ndarray of bool, shape (n_obs, n_x, n_y)
+        The cells to average over, for example ``ExactPosterior.refined``.
+    subcells : int
+        Sub-nodes per axis and cell.
+
+    Returns
+    -------
+    ndarray, shape (n_obs, n_x, n_y)
+        Cell probabilities, each observation summing to 1.
+    """
+    if len(marginal.names) != 2:
+        raise ValueError(f"cell averages need a 2-dim marginal, got {marginal.key}")
+    if marginal.log_normaliser is None:
+        raise ValueError(
+            f"marginal {marginal.key} has no log_normaliser: build it with grid_posteriors"
+        )
+    if not 1 <= subcells <= 32:
+        raise ValueError(f"subcells must lie in [1, 32], got {subcells}")
+    cells = np.asarray(cells, dtype=bool)
+    if cells.shape != marginal.probabilities.shape or len(counts) != len(cells):
+        raise ValueError(
+            f"cells has shape {cells.shape} and counts {len(counts)} rows, expected the "
+            f"marginal's shape {marginal.probabilities.shape}: pass the same observations"
+        )
+    spec = estimator.spec
+    model = estimator.model.eval()
+    device = next(model.parameters()).device
+    head = spec.two_dim.index((marginal.names[0], marginal.names[1]))
+    axes = [spec.axis(name) for name in marginal.names]
+    columns = [spec.parameter_names.index(name) for name in marginal.names]
+    evaluate = _ProductLogRatios(model)
+    grid_x, grid_y = marginal.grids
+    with np.errstate(divide="ignore"):
+        log_density = np.log(marginal.probabilities) + marginal.log_normaliser[:, None, None]
+    for k in np.flatnonzero(cells.any(axis=(1, 2))):
+        indices = np.argwhere(cells[k])
+        nodes = subcell_nodes(grid_x, grid_y, indices, subcells)
+        theta = np.zeros((len(nodes[0]), len(spec.axes)))
+        log_prior = np.zeros(len(nodes[0]))
+        for axis, column, values in zip(axes, columns, nodes, strict=True):
+            theta[:, column] = axis.standardise(values)
+            log_prior += _log_prior_on_axis(estimator, axis, values)
+        x = torch.as_tensor(np.asarray(counts[k : k + 1], dtype=np.float32), device=device)
+        log_ratio = evaluate(model.embedding(x), _as_tensor(theta, device), "2d")[0, :, head]
+        per_cell = (log_ratio.double().cpu().numpy() + log_prior).reshape(len(indices), -1)
+        log_density[k, indices[:, 0], indices[:, 1]] = special.logsumexp(per_cell, axis=1) - np.log(
+            per_cell.shape[1]
+        )
+    return _softmax_cells(log_density)[0]
+
+
 def sample_grid_posterior(
     marginal: GridMarginal, n_samples: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -603,6 +681,17 @@ def _truths_on_axes(
 # ---------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------
+
+
+def _first_observations(marginal: GridMarginal, n: int) -> GridMarginal:
+    """The marginal restricted to its first ``n`` observations."""
+    return GridMarginal(
+        marginal.names,
+        marginal.labels,
+        marginal.grids,
+        marginal.probabilities[:n],
+        None if marginal.log_normaliser is None else marginal.log_normaliser[:n],
+    )
 
 
 def _worst_verdict(verdicts: Sequence[CoverageVerdict]) -> CoverageVerdict:
@@ -1059,13 +1148,21 @@ def validate_estimator(
                 instrument=instrument,
                 progress=progress,
             )
-            # TODO: the NRE side keeps its cell-centre values in the refined cells. A
-            # sharp NRE posterior needs the same sub-node averages before the two are
-            # compared cell mass for cell mass.
-            comparison = compare_with_exact(
+            nre_centres = compare_with_exact(
                 joint.probabilities[:n_compared], grid_x, grid_y, exact_result
             )
+            # Both sides get the same sub-node averages in the refined cells.
+            assert exact_result.refined is not None
+            nre_averaged = cell_averaged_probabilities(
+                loaded,
+                held_out.counts[:n_compared],
+                _first_observations(joint, n_compared),
+                exact_result.refined,
+                exact_subcells,
+            )
+            comparison = compare_with_exact(nre_averaged, grid_x, grid_y, exact_result)
             comparison.jsd_node_values = node_values
+            comparison.jsd_nre_centres = nre_centres.jsd
         timing["exact"] = time.perf_counter() - step
 
     timing["total"] = time.perf_counter() - start
