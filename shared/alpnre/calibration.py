@@ -1021,8 +1021,9 @@ def validate_estimator(
     exact_subcells : int
         Sub-nodes per axis in the cells where an exact posterior on the NRE grid is
         narrower than a cell (:func:`alpnre.exact.refine_exact_posterior`, which also
-        refines the cell of the true parameters); 0 keeps the node values. The report
-        also gives the JSD before refinement.
+        refines the cell of the true parameters); 0 keeps the node values. The NRE
+        posterior gets the same sub-nodes (:func:`cell_averaged_probabilities`). The
+        report also gives the JSD before refinement.
     levels : sequence of float, optional
         Credibility levels of the ECP; default 0, 0.05, ..., 1.
     held_out : HeldOutSet, optional

@@ -110,7 +110,8 @@ def add_parser(commands: Any) -> None:
         type=int,
         default=None,
         help="sub-nodes per axis in the cells where an exact posterior is narrower than a "
-        "cell, which then get the cell's mean density (default 6; 0 keeps the node values)",
+        "cell; there the exact and the NRE posterior both get the cell's mean density "
+        "(default 6; 0 keeps the node values)",
     )
     _add_common(parser)
     parser.set_defaults(handler=cmd_validate)
