@@ -604,7 +604,7 @@ def cell_averaged_probabilities(
             f"marginal {marginal.key} has no log_normaliser: build it with grid_posteriors"
         )
     if not 1 <= subcells <= 32:
-        raise ValueError(f"subcells must lie in [1, 32], got {subcells}")
+        raise ValueError(f"subcells must lie in [1, 32] (default 6), got {subcells}")
     cells = np.asarray(cells, dtype=bool)
     if cells.shape != marginal.probabilities.shape or len(counts) != len(cells):
         raise ValueError(
@@ -684,7 +684,7 @@ def _truths_on_axes(
 
 
 def _first_observations(marginal: GridMarginal, n: int) -> GridMarginal:
-    """The marginal restricted to its first ``n`` observations."""
+    """Restrict the marginal to its first ``n`` observations."""
     return GridMarginal(
         marginal.names,
         marginal.labels,
