@@ -423,6 +423,33 @@ def _as_tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.float32, device=device)
 
 
+def _require_log_normaliser(marginal: GridMarginal) -> np.ndarray:
+    """Return the marginal's log normaliser, or raise if it was built without one."""
+    if marginal.log_normaliser is None:
+        raise ValueError(
+            f"marginal {marginal.key} has no log_normaliser: build it with grid_posteriors"
+        )
+    return marginal.log_normaliser
+
+
+def _network_inputs(
+    estimator: LoadedEstimator, names: Sequence[str], values: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Build the network's θ rows and the log prior density for points of a marginal.
+
+    ``values`` gives one array of axis values (log10 for log-uniform priors) per name.
+    The columns of parameters outside the marginal stay 0, which its heads ignore.
+    """
+    spec = estimator.spec
+    theta = np.zeros((len(values[0]), len(spec.axes)))
+    log_prior = np.zeros(len(values[0]))
+    for name, column_values in zip(names, values, strict=True):
+        axis = spec.axis(name)
+        theta[:, spec.parameter_names.index(name)] = axis.standardise(column_values)
+        log_prior += _log_prior_on_axis(estimator, axis, column_values)
+    return theta, log_prior
+
+
 @torch.inference_mode()
 def grid_posteriors(
     estimator: LoadedEstimator,
@@ -533,20 +560,12 @@ def densities_at_truths(
         Prior times ratio at each truth, divided by exp(log_normaliser), so that it
         compares directly with ``marginal.probabilities``.
     """
-    if marginal.log_normaliser is None:
-        raise ValueError(
-            f"marginal {marginal.key} has no log_normaliser: build it with grid_posteriors"
-        )
+    log_normaliser = _require_log_normaliser(marginal)
     spec = estimator.spec
     model = estimator.model.eval()
     device = next(model.parameters()).device
     truths = np.asarray(truths, dtype=float).reshape(len(counts), len(marginal.names))
-    theta = np.zeros((len(counts), len(spec.axes)))
-    log_prior = np.zeros(len(counts))
-    for column, name in enumerate(marginal.names):
-        axis = spec.axis(name)
-        theta[:, spec.parameter_names.index(name)] = axis.standardise(truths[:, column])
-        log_prior += _log_prior_on_axis(estimator, axis, truths[:, column])
+    theta, log_prior = _network_inputs(estimator, marginal.names, list(truths.T))
     if len(marginal.names) == 1:
         key, head = "1d", spec.one_dim.index(marginal.names[0])
     else:
@@ -560,7 +579,7 @@ def densities_at_truths(
             out = model(x, _as_tensor(theta[rows], device))[key][:, head]
             log_ratio.append(out.double().cpu().numpy())
     log_density = np.concatenate(log_ratio) + log_prior
-    return np.exp(log_density - marginal.log_normaliser)
+    return np.exp(log_density - log_normaliser)
 
 
 @torch.inference_mode()
@@ -575,7 +594,7 @@ def cell_averaged_probabilities(
 
     :func:`alpnre.exact.refine_exact_posterior` gives the exact posterior of a strong
     signal the mean density over ``subcells`` x ``subcells`` sub-nodes of each cell
-    that holds its mass. Comparing that with the NRE's density at the cell centres
+    that contains its mass. Comparing that with the NRE's density at the cell centres
     would compare two quadratures: a sharp NRE posterior whose peak sits off the
     centre would lose mass to the rule, not to its own error. Here the NRE gets the
     same sub-nodes (:func:`alpnre.exact.subcell_nodes`) in the same cells.
@@ -599,10 +618,7 @@ def cell_averaged_probabilities(
     """
     if len(marginal.names) != 2:
         raise ValueError(f"cell averages need a 2-dim marginal, got {marginal.key}")
-    if marginal.log_normaliser is None:
-        raise ValueError(
-            f"marginal {marginal.key} has no log_normaliser: build it with grid_posteriors"
-        )
+    log_normaliser = _require_log_normaliser(marginal)
     if not 1 <= subcells <= 32:
         raise ValueError(f"subcells must lie in [1, 32] (default 6), got {subcells}")
     cells = np.asarray(cells, dtype=bool)
@@ -615,26 +631,20 @@ def cell_averaged_probabilities(
     model = estimator.model.eval()
     device = next(model.parameters()).device
     head = spec.two_dim.index((marginal.names[0], marginal.names[1]))
-    axes = [spec.axis(name) for name in marginal.names]
-    columns = [spec.parameter_names.index(name) for name in marginal.names]
     evaluate = _ProductLogRatios(model)
     grid_x, grid_y = marginal.grids
     with np.errstate(divide="ignore"):
-        log_density = np.log(marginal.probabilities) + marginal.log_normaliser[:, None, None]
+        log_density = np.log(marginal.probabilities) + log_normaliser[:, None, None]
+
     for k in np.flatnonzero(cells.any(axis=(1, 2))):
         indices = np.argwhere(cells[k])
         nodes = subcell_nodes(grid_x, grid_y, indices, subcells)
-        theta = np.zeros((len(nodes[0]), len(spec.axes)))
-        log_prior = np.zeros(len(nodes[0]))
-        for axis, column, values in zip(axes, columns, nodes, strict=True):
-            theta[:, column] = axis.standardise(values)
-            log_prior += _log_prior_on_axis(estimator, axis, values)
+        theta, log_prior = _network_inputs(estimator, marginal.names, nodes)
         x = torch.as_tensor(np.asarray(counts[k : k + 1], dtype=np.float32), device=device)
         log_ratio = evaluate(model.embedding(x), _as_tensor(theta, device), "2d")[0, :, head]
         per_cell = (log_ratio.double().cpu().numpy() + log_prior).reshape(len(indices), -1)
-        log_density[k, indices[:, 0], indices[:, 1]] = special.logsumexp(per_cell, axis=1) - np.log(
-            per_cell.shape[1]
-        )
+        cell_log_density = special.logsumexp(per_cell, axis=1) - np.log(per_cell.shape[1])
+        log_density[k, indices[:, 0], indices[:, 1]] = cell_log_density
     return _softmax_cells(log_density)[0]
 
 

@@ -1066,9 +1066,9 @@ class ExactComparison:
     jsd_node_values : ndarray, shape (n_obs,), optional
         The JSD against the exact posterior before refinement (node values only).
     jsd_nre_centres : ndarray, shape (n_obs,), optional
-        The JSD of the NRE's cell-centre values against the refined exact posterior,
-        which mixes two quadratures; ``jsd`` averages both sides over the same
-        sub-nodes.
+        The JSD of the NRE's cell-centre values against the refined exact posterior.
+        It mixes two quadrature rules, whereas ``jsd`` averages both sides over the
+        same sub-nodes.
     seconds : dict
         Time spent on the exact posteriors.
     examples : list of (ndarray, ndarray)
