@@ -173,3 +173,42 @@ def test_encoding_fits_narrow_peak_better():
     raw, encoded = _fit_narrow_peak(0), _fit_narrow_peak(6)
     # Measured: raw 2e-4, encoded below 1e-5; the peak's mean square is 0.14.
     assert encoded < 0.1 * raw, (raw, encoded)
+
+
+def _bce_terms(model: RatioEstimator, x: torch.Tensor, theta: torch.Tensor, shift: int):
+    """Summed over heads: BCE of the joint pairs and of the pairs rolled by ``shift``."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    with torch.no_grad():
+        joint = model(x, theta)
+        rolled = model(x, torch.roll(theta, shifts=shift, dims=0))
+    joint_term = sum(bce(v, torch.ones_like(v)) for v in joint.values())
+    marginal_term = sum(bce(v, torch.zeros_like(v)) for v in rolled.values())
+    return float(joint_term), float(marginal_term)
+
+
+@pytest.mark.parametrize("marginal_pairs", [1, 3])
+def test_marginal_pairs_average_the_rolled_pairs(marginal_pairs):
+    """The loss is the joint BCE plus the mean BCE of the pairs rolled by 1 ... K rows."""
+    model = _model(5, seed=11)
+    generator = torch.Generator().manual_seed(12)
+    x = torch.poisson(torch.full((32, N_BINS), 20.0), generator=generator)
+    theta = torch.rand((32, len(model.spec.axes)), generator=generator) * 2 - 1
+    terms = [_bce_terms(model, x, theta, shift) for shift in range(1, marginal_pairs + 1)]
+    expected = terms[0][0] + float(np.mean([marginal for _, marginal in terms]))
+    with torch.no_grad():
+        loss = float(nre_loss(model, x, theta, bnre_lambda=0.0, marginal_pairs=marginal_pairs))
+    assert loss == pytest.approx(expected, rel=1e-5)
+    if marginal_pairs > 1:
+        # Each roll pairs x with other θ rows, so the terms being averaged differ.
+        marginal_terms = [marginal for _, marginal in terms]
+        assert max(marginal_terms) - min(marginal_terms) > 1e-3, marginal_terms
+
+
+def test_marginal_pairs_need_more_rows_than_pairs():
+    model = _model(0)
+    x = torch.ones((4, N_BINS))
+    theta = torch.zeros((4, len(model.spec.axes)))
+    with pytest.raises(ValueError, match="marginal_pairs=4"):
+        nre_loss(model, x, theta, bnre_lambda=0.0, marginal_pairs=4)
+    with pytest.raises(ValueError, match="batch_size=16"):
+        TrainingConfig(batch_size=16, marginal_pairs=16)

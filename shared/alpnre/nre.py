@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from alpnre.config import AnalysisConfig
@@ -81,6 +81,15 @@ class TrainingConfig(BaseModel):
         "lambda = 100 still sat at chance level (loss 2.70) after 10 epochs, lambda = 10 "
         "reached 2.14 after 15 and lambda = 0 reached 1.93",
     )
+    marginal_pairs: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="marginal pairs per joint pair: each x is paired with the θ of the next "
+        "marginal_pairs rows of its minibatch. More pairs show the classifier more θ near "
+        "the true one for each x at the price of more head evaluations; the optimum of the "
+        "loss stays log r",
+    )
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     poisson_redraw: bool = Field(True, description="redraw counts from npred every epoch")
     drop_nonfinite: bool = False
@@ -110,6 +119,15 @@ class TrainingConfig(BaseModel):
         default_factory=list,
         description="nuisance parameters that get their own 1-dim estimator, e.g. b0_microgauss",
     )
+
+    @model_validator(mode="after")
+    def _check_marginal_pairs(self) -> TrainingConfig:
+        if self.marginal_pairs >= self.batch_size:
+            raise ValueError(
+                f"marginal_pairs={self.marginal_pairs} must be below batch_size="
+                f"{self.batch_size}: a roll by batch_size pairs each x with its own θ"
+            )
+        return self
 
 
 class ParameterAxis(BaseModel):
@@ -426,18 +444,32 @@ class RatioEstimator(nn.Module):
 
 
 def nre_loss(
-    model: RatioEstimator, x: torch.Tensor, theta: torch.Tensor, bnre_lambda: float
+    model: RatioEstimator,
+    x: torch.Tensor,
+    theta: torch.Tensor,
+    bnre_lambda: float,
+    marginal_pairs: int = 1,
 ) -> torch.Tensor:
     """Binary cross-entropy of joint against marginal pairs, plus the BNRE penalty.
 
-    Marginal pairs pair each x with the θ of the next row (a roll by one within the
-    minibatch), so rows must be shuffled. The loss is summed over all heads.
+    Marginal pairs pair each x with the θ of the next ``marginal_pairs`` rows (rolls by
+    1 ... marginal_pairs within the minibatch), so rows must be shuffled. Each of those
+    pairs is a draw from p(x) p(θ), and the marginal term averages over them, so the
+    minimiser of the loss is the log-ratio for any ``marginal_pairs``. The loss is
+    summed over all heads.
     """
-    features = model.embedding(x)
-    theta_marginal = torch.roll(theta, shifts=1, dims=0)
-    # One pass over joint and marginal pairs together.
-    both = model.log_ratios(torch.cat([features, features]), torch.cat([theta, theta_marginal]))
     n = len(x)
+    if not 1 <= marginal_pairs < n:
+        raise ValueError(
+            f"marginal_pairs={marginal_pairs} needs a minibatch of more rows, got {n}: "
+            "use 1 <= marginal_pairs < batch_size, otherwise a roll pairs x with its own θ"
+        )
+    features = model.embedding(x)
+    rolled = [torch.roll(theta, shifts=shift, dims=0) for shift in range(1, marginal_pairs + 1)]
+    # One pass over joint and marginal pairs together.
+    both = model.log_ratios(
+        torch.cat([features] * (marginal_pairs + 1)), torch.cat([theta, *rolled])
+    )
     joint = {key: value[:n] for key, value in both.items()}
     marginal = {key: value[n:] for key, value in both.items()}
     bce = nn.functional.binary_cross_entropy_with_logits

@@ -163,6 +163,7 @@ def _epoch_loss(
     bnre_lambda: float,
     optimiser: torch.optim.Optimizer | None,
     loader_workers: int,
+    marginal_pairs: int = 1,
 ) -> float:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=loader_workers, persistent_workers=False
@@ -173,10 +174,10 @@ def _epoch_loss(
         theta = batch.theta.to(device)
         if optimiser is None:
             with torch.no_grad():
-                loss = nre_loss(model, x, theta, bnre_lambda)
+                loss = nre_loss(model, x, theta, bnre_lambda, marginal_pairs)
         else:
             optimiser.zero_grad(set_to_none=True)
-            loss = nre_loss(model, x, theta, bnre_lambda)
+            loss = nre_loss(model, x, theta, bnre_lambda, marginal_pairs)
             loss.backward()
             optimiser.step()
         total += float(loss.detach())
@@ -305,12 +306,24 @@ def train_estimator(
         model.train()
         epoch_start = time.perf_counter()
         train_loss = _epoch_loss(
-            model, train_set, device, training.bnre_lambda, optimiser, training.num_workers
+            model,
+            train_set,
+            device,
+            training.bnre_lambda,
+            optimiser,
+            training.num_workers,
+            training.marginal_pairs,
         )
         model.eval()
         validation_set.set_epoch(0)
         validation_loss = _epoch_loss(
-            model, validation_set, device, training.bnre_lambda, None, training.num_workers
+            model,
+            validation_set,
+            device,
+            training.bnre_lambda,
+            None,
+            training.num_workers,
+            training.marginal_pairs,
         )
         record = {
             "epoch": float(epoch),
