@@ -87,8 +87,8 @@ class TrainingConfig(BaseModel):
         le=64,
         description="marginal pairs per joint pair: each x is paired with the θ of the next "
         "marginal_pairs rows of its minibatch. More pairs show the classifier more θ near "
-        "the true one for each x at the price of more head evaluations; the optimum of the "
-        "loss stays log r",
+        "the true one for each x, at the price of more head evaluations. The loss keeps its "
+        "minimum at log r",
     )
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     poisson_redraw: bool = Field(True, description="redraw counts from npred every epoch")
