@@ -176,7 +176,7 @@ def test_encoding_fits_narrow_peak_better():
 
 
 def _bce_terms(model: RatioEstimator, x: torch.Tensor, theta: torch.Tensor, shift: int):
-    """Summed over heads: BCE of the joint pairs and of the pairs rolled by ``shift``."""
+    """Return the BCE of the joint pairs and of the pairs rolled by ``shift``, summed over heads."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     with torch.no_grad():
         joint = model(x, theta)

@@ -382,7 +382,7 @@ def test_batch_over_time_limit_fails_run(
     # beyond this soft limit. Celery checks time limits about once a second, so
     # shorter batches can finish before the limit is enforced. Two batches: the worker
     # imports its dependencies at start-up, so the first limit cannot leave a module
-    # half-imported and the second batch fails the same way.
+    # half-imported and the second batch can fail the same way.
     limited = celery_worker_factory(
         "services.simulator.celery_app",
         "simulations-limited",
@@ -407,7 +407,7 @@ def test_batch_over_time_limit_fails_run(
     assert run["state"] == "failed", run
     # NOTE: once in many CI runs one of the two batches finished as 'done' despite the
     # 0.2 s soft limit, and the worker log of that run was lost. Until the cause is known,
-    # the test asks for at least one timed-out batch and shows the worker log otherwise.
+    # the test requires at least one timed-out batch and prints the worker log on failure.
     assert run["batches"]["failed"] >= 1, (run, worker_log)
     assert run["batches"]["failed"] + run["batches"]["done"] == 2, run
     failed_indices = sorted(error["batch_index"] for error in run["errors"])

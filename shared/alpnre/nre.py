@@ -461,8 +461,9 @@ def nre_loss(
     n = len(x)
     if not 1 <= marginal_pairs < n:
         raise ValueError(
-            f"marginal_pairs={marginal_pairs} needs a minibatch of more rows, got {n}: "
-            "use 1 <= marginal_pairs < batch_size, otherwise a roll pairs x with its own θ"
+            f"invalid marginal_pairs={marginal_pairs} for a minibatch of {n} rows: use "
+            "1 <= marginal_pairs < batch_size, because a roll by the minibatch size pairs "
+            "each x with its own θ"
         )
     features = model.embedding(x)
     rolled = [torch.roll(theta, shifts=shift, dims=0) for shift in range(1, marginal_pairs + 1)]
