@@ -12,6 +12,8 @@ truncated box's own 64 x 64 grid:
 * the exact posterior (cell averages where it is narrower than a cell),
 
 by the Jensen-Shannon divergence of the (log10 m, log10 g) cell probabilities.
+An observation whose box would hold more than 90 % of the prior gets no round. The
+reason goes to the log and to results.json, and the study goes on.
 
 The held-out spectra are those of the validation report (same seed), so the script
 needs ``validation/report.json`` with an exact comparison beside the estimator.
@@ -115,18 +117,26 @@ def main() -> None:
         counts = held_out.counts[k]
         truth = {name: float(held_out.theta[name][k]) for name in held_out.theta}
         truth_axes = np.log10([truth["m_neV"], truth["g_per_gev"]])
-        round_ = truncate(
-            amortised,
-            counts,
-            output / f"observation-{k:03d}",
-            n_simulations=args.n_simulations,
-            batch_size=max(50, args.n_simulations // 10),
-            seed=args.seed + k,
-            threshold=args.threshold,
-            training=training,
-            truth=truth,
-            progress=False,
-        )
+        try:
+            round_ = truncate(
+                amortised,
+                counts,
+                output / f"observation-{k:03d}",
+                n_simulations=args.n_simulations,
+                batch_size=max(50, args.n_simulations // 10),
+                seed=args.seed + k,
+                threshold=args.threshold,
+                training=training,
+                truth=truth,
+                progress=False,
+            )
+        except ValueError as error:
+            # A box with more than 90 % of the prior stops this observation's round only, so
+            # the other rounds and the figure are still written.
+            log.warning("observation %d: no truncated round: %s", k, error)
+            results.append({"observation": k, "skipped": str(error)})
+            (output / "results.json").write_text(json.dumps(results, indent=1))
+            continue
         truncated = load_estimator(round_.estimator_path)
         marginal = grid_posteriors(truncated, counts[None], args.grid_size)[-1]
         grid_x, grid_y = marginal.grids
@@ -154,6 +164,9 @@ def main() -> None:
 
     _plot(figures, output / "truncation.png")
     for row in results:
+        if "skipped" in row:
+            print(f"| {row['observation']} | no round: {row['skipped']} |")
+            continue
         print(
             f"| {row['observation']} | {row['prior_fraction']:.2g} | "
             f"{row['jsd_amortised_full_grid']:.3f} | {row['jsd_amortised_on_box']:.3f} | "
