@@ -39,7 +39,7 @@ from alpnre.exact import exact_posterior, refine_exact_posterior
 from alpnre.nre import TrainingConfig
 from alpnre.posterior import _log_ratios_2d
 from alpnre.registry import LoadedEstimator, load_estimator
-from alpnre.truncation import truncate
+from alpnre.truncation import BoxTooWideError, truncate
 from alpnre.validation import jensen_shannon_divergence
 
 log = logging.getLogger("study_truncation")
@@ -130,7 +130,7 @@ def main() -> None:
                 truth=truth,
                 progress=False,
             )
-        except ValueError as error:
+        except BoxTooWideError as error:
             # A box with more than 90 % of the prior stops this observation's round only, so
             # the other rounds and the figure are still written.
             log.warning("observation %d: no truncated round: %s", k, error)

@@ -39,6 +39,7 @@ from alpnre.priors import LogUniformPrior, UniformPrior
 from alpnre.registry import LoadedEstimator, load_estimator
 
 __all__ = [
+    "BoxTooWideError",
     "TruncationRound",
     "truncate",
     "truncated_config",
@@ -53,6 +54,15 @@ MAX_PRIOR_FRACTION = 0.9
 DEFAULT_NAMES = ("m_neV", "g_per_gev")
 # Points per axis of the 1-dim marginals that set the bounds.
 _BOUNDS_GRID = 400
+
+
+class BoxTooWideError(ValueError):
+    """Error raised when a truncated box holds more prior mass than ``max_prior_fraction``.
+
+    A ValueError, so callers that reject bad input keep working. A study over many
+    observations catches this class alone to skip one observation without hiding other
+    errors.
+    """
 
 
 def truncation_bounds(
@@ -204,7 +214,7 @@ def truncate(
     bounds = truncation_bounds(estimator, x_o, names=names, threshold=threshold)
     fraction = _prior_fraction(estimator.config, bounds)
     if fraction > max_prior_fraction:
-        raise ValueError(
+        raise BoxTooWideError(
             f"the 1-dim posteriors exceed {threshold:g} of their peak on {fraction:.1%} of the "
             "prior, so a truncated round would simulate almost the same prior again: raise "
             "--threshold (for example to 1e-3) or start from a better-trained estimator"
